@@ -1,0 +1,3 @@
+from hipbatch.cli import main
+
+main()
