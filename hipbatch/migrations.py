@@ -1,0 +1,121 @@
+"""Append-only schema migrations for the hipbatch store. Never edit a released one: add m00N_..."""
+
+from __future__ import annotations
+
+from sqlite_utils import Database
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("hipbatch")
+
+
+@migrations()
+def m001_initial(db: Database) -> None:
+    db.table("jobs").create(
+        {
+            "name": str,
+            "provider": str,
+            "model": str,
+            "input_dir": str,
+            "template_dir": str,
+            "output_file": str,
+            "created_at": float,
+            "updated_at": float,
+        },
+        pk="name",
+    )
+    db.table("files").create(
+        {"job": str, "file_name": str, "custom_id": str, "skip_reason": str, "updated_at": float},
+        pk=("job", "file_name"),
+    )
+    db.table("requests").create(
+        {
+            "custom_id": str,
+            "job": str,
+            "file_name": str,
+            "provider": str,
+            "model": str,
+            "endpoint": str,
+            "state": str,
+            "shard_id": int,
+            "batch_id": str,
+            "attempts": int,
+            "est_input_tokens": int,
+            "max_tokens": int,
+            "est_cost_usd": float,
+            "reply_text": str,
+            "finish": str,
+            "prompt": str,
+            "detail": str,
+            "error_code": str,
+            "error_message": str,
+            "input_tokens": int,
+            "output_tokens": int,
+            "cache_read_tokens": int,
+            "cache_write_tokens": int,
+            "cost_usd": float,
+            "via": str,
+            "created_at": float,
+            "answered_at": float,
+            "updated_at": float,
+        },
+        pk="custom_id",
+        defaults={"attempts": 0, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0,
+                  "cache_write_tokens": 0},
+    )
+    db.table("shards").create(
+        {
+            "id": int,
+            "key": str,
+            "job": str,
+            "provider": str,
+            "model": str,
+            "endpoint": str,
+            "path": str,
+            "n_requests": int,
+            "n_bytes": int,
+            "est_tokens": int,
+            "state": str,
+            "file_id": str,
+            "batch_id": str,
+            "intent_at": float,
+            "requeues": int,
+            "created_at": float,
+            "updated_at": float,
+        },
+        pk="id",
+        defaults={"requeues": 0},
+    )
+    db.table("batches").create(
+        {
+            "id": str,
+            "shard_id": int,
+            "job": str,
+            "provider": str,
+            "model": str,
+            "status": str,
+            "is_final": int,
+            "total": int,
+            "done": int,
+            "failed": int,
+            "counts_final_only": int,
+            "created_at": float,
+            "expires_at": float,
+            "finished_at": float,
+            "output_file_id": str,
+            "error_file_id": str,
+            "errors": str,
+            "collected": int,
+            "adopted": int,
+            "refreshed_at": float,
+        },
+        pk="id",
+        defaults={"collected": 0, "adopted": 0, "is_final": 0},
+    )
+    db.table("shards").create_index(["key"], unique=True)
+    db.table("shards").create_index(["state"])
+    db.table("requests").create_index(["state"])
+    db.table("requests").create_index(["job", "state"])
+    db.table("requests").create_index(["batch_id"])
+    db.table("requests").create_index(["shard_id"])
+    db.table("files").create_index(["custom_id"])
+    db.table("batches").create_index(["is_final", "collected"])

@@ -1,0 +1,188 @@
+"""Anthropic Message Batches adapter: the only module that imports the anthropic SDK."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import anthropic
+
+from hipbatch.errors import ProviderError, TransientError, UsageError
+from hipbatch.providers.base import ProviderSettings, iter_jsonl, retry_after_of
+from hipbatch.records import BatchInfo, Outcome, Result
+
+FINISH = {"max_tokens": "length", "refusal": "refusal", "model_context_window_exceeded": "length"}
+
+
+@contextmanager
+def translate(what: str) -> Iterator[None]:
+    """SDK exceptions -> hipbatch errors: transient ones can be retried, the rest are final."""
+    try:
+        yield
+    except anthropic.APIConnectionError as e:
+        raise TransientError(f"{what}: {type(e).__name__}: {e}") from e
+    except anthropic.APIStatusError as e:
+        message = _error_message(e)
+        if e.status_code in (408, 409, 429) or e.status_code >= 500:
+            err = TransientError(f"{what}: HTTP {e.status_code}: {message}")
+            err.retry_after = retry_after_of(e.response.headers)  # type: ignore[attr-defined]
+            raise err from e
+        if e.status_code == 401:
+            raise ProviderError(f"{what}: the provider rejected the API key (HTTP 401): {message}") from e
+        err2 = ProviderError(f"{what}: HTTP {e.status_code}: {message}")
+        err2.status_code = e.status_code  # type: ignore[attr-defined]
+        raise err2 from e
+    except TypeError as e:  # the SDK resolves auth lazily and fails with a TypeError
+        if "authentication" in str(e).lower():
+            raise ProviderError(f"{what}: no API key: {e}") from e
+        raise
+    except (anthropic.AnthropicError, json.JSONDecodeError) as e:
+        raise TransientError(f"{what}: {e}") from e
+
+
+def _error_message(e: anthropic.APIStatusError) -> str:
+    body = e.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(e.message)
+
+
+class Adapter:
+    """Anthropic Message Batches: requests travel inline, results stream from results_url."""
+
+    name = "anthropic"
+    endpoint = "/v1/messages"
+    max_requests = 100_000
+    max_bytes = 256 * 1024 * 1024 - 64 * 1024  # leave room for the JSON envelope around the requests
+    has_metadata = False
+
+    def __init__(self, settings: ProviderSettings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def client(self) -> anthropic.Anthropic:
+        return anthropic.Anthropic(api_key=self.settings.api_key(), base_url=self.settings.base_url or None,
+                                   max_retries=0, timeout=self.settings.timeout)
+
+    def check_key(self) -> None:
+        self.settings.api_key()
+
+    def check_model(self, model: str) -> None:
+        try:
+            with translate(f"model {model}"):
+                self.client.models.retrieve(model)
+        except ProviderError as e:
+            if getattr(e, "status_code", None) == 404:
+                raise UsageError(f"--model {model}: the provider does not know this model ({e})") from None
+            raise
+
+    def to_line(self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model}
+        for key, value in params.items():
+            if value is not None:
+                body[key] = value
+        if system:
+            # The system prompt is the long part shared by every request: cache it (1 h, batches are slow).
+            body["system"] = [{"type": "text", "text": system,
+                               "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+        body["messages"] = [{"role": "user", "content": user}]
+        return {"custom_id": custom_id, "params": body}
+
+    def upload(self, path: Path) -> str | None:
+        return None  # requests travel inline in the create call
+
+    def create(self, path: Path, file_id: str | None, tag: dict[str, str]) -> BatchInfo:
+        requests = list(iter_jsonl(path))
+        with translate(f"create batch for {path.name}"):
+            batch = self.client.messages.batches.create(requests=requests)  # type: ignore[arg-type]
+        return _info(batch)
+
+    def find(self, tag: dict[str, str], since: float, n_requests: int) -> list[BatchInfo]:
+        # No metadata on Message Batches: a candidate is one created after the intent with the same size.
+        found = []
+        with translate("list batches"):
+            for batch in self.client.messages.batches.list(limit=100):
+                created = batch.created_at.timestamp()
+                if created < since - 600:
+                    break
+                counts = batch.request_counts
+                total = (counts.processing + counts.succeeded + counts.errored + counts.canceled
+                         + counts.expired)
+                if created >= since - 5 and total == n_requests:
+                    found.append(_info(batch))
+        return found
+
+    def status(self, batch_id: str) -> BatchInfo:
+        with translate(f"status of {batch_id}"):
+            return _info(self.client.messages.batches.retrieve(batch_id))
+
+    def download(self, info: BatchInfo, dest: Path) -> int:
+        lines = 0
+        with translate(f"results of {info.id}"), dest.open("w", encoding="utf-8") as out:
+            decoder = self.client.messages.batches.results(info.id)
+            try:
+                for item in decoder:
+                    out.write(json.dumps(item.model_dump(mode="json", exclude_unset=True),
+                                         ensure_ascii=False))
+                    out.write("\n")
+                    lines += 1
+            finally:
+                decoder.close()  # the SDK leaves the response open on a decode error
+        return lines
+
+    def parse(self, line: dict[str, Any]) -> Result:
+        custom_id = str(line.get("custom_id"))
+        result = line.get("result") or {}
+        kind = result.get("type")
+        if kind == "succeeded":
+            return _parse_message(custom_id, result.get("message") or {})
+        if kind == "errored":
+            outer = result.get("error") or {}
+            inner = outer.get("error") if isinstance(outer.get("error"), dict) else outer
+            return Result(custom_id, Outcome.ERRORED, error_code=str(inner.get("type") or "errored"),
+                          error_message=str(inner.get("message") or "")[:2000])
+        if kind == "canceled":
+            return Result(custom_id, Outcome.CANCELED, error_code="canceled", error_message="batch was canceled")
+        if kind == "expired":
+            return Result(custom_id, Outcome.EXPIRED, error_code="expired",
+                          error_message="batch ended (24 h) before this request ran")
+        return Result(custom_id, Outcome.ERRORED, error_code="unknown_result", error_message=str(kind))
+
+    def cancel(self, batch_id: str) -> BatchInfo:
+        with translate(f"cancel {batch_id}"):
+            return _info(self.client.messages.batches.cancel(batch_id))
+
+    def live(self, line: dict[str, Any]) -> Result:
+        with translate("message"):
+            message = self.client.messages.create(**line["params"])
+        return _parse_message(str(line["custom_id"]), message.model_dump(mode="json"))
+
+
+def _parse_message(custom_id: str, message: dict[str, Any]) -> Result:
+    text = "".join(block.get("text", "") for block in message.get("content") or []
+                   if block.get("type") == "text")
+    usage = message.get("usage") or {}
+    return Result(
+        custom_id, Outcome.SUCCEEDED, text=text, finish=FINISH.get(message.get("stop_reason") or "", "stop"),
+        input_tokens=int(usage.get("input_tokens") or 0), output_tokens=int(usage.get("output_tokens") or 0),
+        cache_read_tokens=int(usage.get("cache_read_input_tokens") or 0),
+        cache_write_tokens=int(usage.get("cache_creation_input_tokens") or 0),
+    )
+
+
+def _info(batch: Any) -> BatchInfo:
+    c = batch.request_counts
+    ended = batch.processing_status == "ended"
+    total = c.processing + c.succeeded + c.errored + c.canceled + c.expired
+    return BatchInfo(
+        id=batch.id, status=batch.processing_status, is_final=ended, total=total,
+        done=c.succeeded if ended else None, failed=(c.errored + c.canceled + c.expired) if ended else None,
+        counts_final_only=True, created_at=batch.created_at.timestamp(),
+        expires_at=batch.expires_at.timestamp() if batch.expires_at else None,
+    )

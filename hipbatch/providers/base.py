@@ -1,0 +1,94 @@
+"""The Provider protocol every adapter implements, and the settings it is built from."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from hipbatch.errors import MissingKey
+from hipbatch.records import BatchInfo, Result
+
+
+@dataclass
+class ProviderSettings:
+    """What an adapter needs: where to call, which variable holds the key, request defaults."""
+
+    name: str
+    key_env: str
+    base_url: str | None = None
+    timeout: float = 120.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def api_key(self) -> str:
+        """The key from the environment, or MissingKey naming the variable."""
+        key = os.environ.get(self.key_env, "").strip()
+        if not key:
+            raise MissingKey(
+                f"{self.key_env} is not set: export {self.key_env}=... (hipbatch reads keys from the "
+                f"environment only), or try `hipbatch demo --provider {self.name}` which needs no key"
+            )
+        return key
+
+
+class Provider(Protocol):
+    """One batch API. Adapters translate between hipbatch records and the provider; they never touch the Store."""
+
+    name: str
+    endpoint: str  # recorded per request, part of its identity
+    max_requests: int  # per batch
+    max_bytes: int  # per batch input (file or request body)
+    has_metadata: bool  # can a batch carry our shard tag (so an orphan can be adopted exactly)?
+
+    def check_key(self) -> None: ...  # raise MissingKey before anything is sent
+
+    def check_model(self, model: str) -> None: ...  # raise UsageError if the provider does not know it
+
+    def to_line(self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str) -> dict[str, Any]:
+        ...  # one JSONL line in the provider's batch input format
+
+    def upload(self, path: Path) -> str | None: ...  # input file id (None: nothing to upload)
+
+    def create(self, path: Path, file_id: str | None, tag: dict[str, str]) -> BatchInfo:
+        ...  # one create call with no SDK retries; TransientError means "maybe created"
+
+    def find(self, tag: dict[str, str], since: float, n_requests: int) -> list[BatchInfo]:
+        ...  # batches that may be the one created for `tag`
+
+    def status(self, batch_id: str) -> BatchInfo: ...
+
+    def download(self, info: BatchInfo, dest: Path) -> int: ...  # result lines to dest (JSONL); count
+
+    def parse(self, line: dict[str, Any]) -> Result: ...  # one downloaded line -> Result
+
+    def cancel(self, batch_id: str) -> BatchInfo: ...
+
+    def live(self, line: dict[str, Any]) -> Result: ...  # send one request line now (live mode)
+
+
+def retry_after_of(headers: Any) -> float | None:
+    """Seconds the server asked us to wait (retry-after-ms, then retry-after), if it said."""
+    try:
+        if headers.get("retry-after-ms"):
+            return float(headers["retry-after-ms"]) / 1000
+        if headers.get("retry-after"):
+            return float(headers["retry-after"])
+    except (TypeError, ValueError):
+        return None
+    return None
+
+
+def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Lines of a JSONL file as dicts; a line that does not parse raises ValueError naming the line."""
+    import json
+
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                yield json.loads(raw)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None

@@ -1,0 +1,198 @@
+"""OpenAI Batch adapter: the only module that imports the openai SDK."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import openai
+
+from hipbatch.errors import ProviderError, TransientError, UsageError
+from hipbatch.providers.base import ProviderSettings, retry_after_of
+from hipbatch.records import BatchInfo, Outcome, Result
+
+FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+
+
+@contextmanager
+def translate(what: str) -> Iterator[None]:
+    """SDK exceptions -> hipbatch errors: transient ones can be retried, the rest are final."""
+    try:
+        yield
+    except openai.APIConnectionError as e:  # includes timeouts
+        raise TransientError(f"{what}: {type(e).__name__}: {e}") from e
+    except openai.APIStatusError as e:
+        message = _error_message(e)
+        if e.status_code in (408, 409, 429) or e.status_code >= 500:
+            err = TransientError(f"{what}: HTTP {e.status_code}: {message}")
+            err.retry_after = retry_after_of(e.response.headers)  # type: ignore[attr-defined]
+            raise err from e
+        if e.status_code == 401:
+            raise ProviderError(f"{what}: the provider rejected the API key (HTTP 401): {message}") from e
+        err2 = ProviderError(f"{what}: HTTP {e.status_code}: {message}")
+        err2.status_code = e.status_code  # type: ignore[attr-defined]
+        raise err2 from e
+    except openai.OpenAIError as e:
+        raise ProviderError(f"{what}: {e}") from e
+
+
+def _error_message(e: openai.APIStatusError) -> str:
+    body = e.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(e.message)
+
+
+class Adapter:
+    """OpenAI Files + Batches on /v1/chat/completions."""
+
+    name = "openai"
+    endpoint = "/v1/chat/completions"
+    max_requests = 50_000
+    max_bytes = 200 * 1024 * 1024
+    has_metadata = True
+
+    def __init__(self, settings: ProviderSettings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def client(self) -> openai.OpenAI:
+        # max_retries=0: hipbatch's own tenacity policy owns every retry, so a create is never repeated blindly.
+        return openai.OpenAI(api_key=self.settings.api_key(), base_url=self.settings.base_url or None,
+                             max_retries=0, timeout=self.settings.timeout)
+
+    def check_key(self) -> None:
+        self.settings.api_key()
+
+    def check_model(self, model: str) -> None:
+        try:
+            with translate(f"model {model}"):
+                self.client.models.retrieve(model)
+        except ProviderError as e:
+            if getattr(e, "status_code", None) == 404:
+                raise UsageError(f"--model {model}: the provider does not know this model ({e})") from None
+            raise
+
+    def to_line(self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": model, "messages": []}
+        if system:
+            body["messages"].append({"role": "system", "content": system})
+        body["messages"].append({"role": "user", "content": user})
+        for key, value in params.items():
+            if value is None:
+                continue
+            body["max_completion_tokens" if key == "max_tokens" else key] = value
+        return {"custom_id": custom_id, "method": "POST", "url": self.endpoint, "body": body}
+
+    def upload(self, path: Path) -> str | None:
+        with translate(f"upload {path.name}"), path.open("rb") as fh:
+            return self.client.files.create(file=(path.name, fh), purpose="batch").id
+
+    def create(self, path: Path, file_id: str | None, tag: dict[str, str]) -> BatchInfo:
+        assert file_id is not None
+        with translate(f"create batch for {path.name}"):
+            batch = self.client.batches.create(input_file_id=file_id, endpoint=self.endpoint,  # type: ignore[arg-type]
+                                               completion_window="24h", metadata=tag)
+        return _info(batch)
+
+    def find(self, tag: dict[str, str], since: float, n_requests: int) -> list[BatchInfo]:
+        found = []
+        with translate("list batches"):
+            for batch in self.client.batches.list(limit=100):
+                if batch.created_at < since - 600:
+                    break  # newest first: everything after is older than the intent
+                meta = batch.metadata or {}
+                if all(meta.get(k) == v for k, v in tag.items()):
+                    found.append(_info(batch))
+        return found
+
+    def status(self, batch_id: str) -> BatchInfo:
+        with translate(f"status of {batch_id}"):
+            return _info(self.client.batches.retrieve(batch_id))
+
+    def download(self, info: BatchInfo, dest: Path) -> int:
+        lines = 0
+        with dest.open("wb") as out:
+            for file_id in (info.output_file_id, info.error_file_id):
+                if not file_id:
+                    continue
+                with translate(f"download {file_id}"), \
+                        self.client.files.with_streaming_response.content(file_id) as response:
+                    last = b"\n"
+                    for chunk in response.iter_bytes(1 << 16):
+                        out.write(chunk)
+                        lines += chunk.count(b"\n")
+                        last = chunk[-1:] or last
+                    if last != b"\n":
+                        out.write(b"\n")
+                        lines += 1
+        return lines
+
+    def parse(self, line: dict[str, Any]) -> Result:
+        custom_id = str(line.get("custom_id"))
+        response = line.get("response") or None
+        error = line.get("error") or None
+        if response is not None and response.get("status_code") == 200:
+            return _parse_completion(custom_id, response.get("body") or {})
+        if response is not None:
+            body = response.get("body") or {}
+            err = body.get("error") if isinstance(body, dict) else None
+            err = err if isinstance(err, dict) else {}
+            code = err.get("code") or err.get("type") or f"http_{response.get('status_code')}"
+            return Result(custom_id, Outcome.ERRORED, error_code=str(code),
+                          error_message=str(err.get("message") or body)[:2000])
+        error = error or {}
+        code = str(error.get("code") or "unknown")
+        outcome = Outcome.ERRORED
+        if "expired" in code:
+            outcome = Outcome.EXPIRED
+        elif "cancel" in code:
+            outcome = Outcome.CANCELED
+        return Result(custom_id, outcome, error_code=code, error_message=str(error.get("message") or "")[:2000])
+
+    def cancel(self, batch_id: str) -> BatchInfo:
+        with translate(f"cancel {batch_id}"):
+            return _info(self.client.batches.cancel(batch_id))
+
+    def live(self, line: dict[str, Any]) -> Result:
+        with translate("chat completion"):
+            completion = self.client.chat.completions.create(**line["body"])
+        return _parse_completion(str(line["custom_id"]), completion.model_dump(mode="json"))
+
+
+def _parse_completion(custom_id: str, body: dict[str, Any]) -> Result:
+    choices = body.get("choices") or [{}]
+    choice = choices[0] or {}
+    message = choice.get("message") or {}
+    usage = body.get("usage") or {}
+    details = usage.get("prompt_tokens_details") or {}
+    finish = "length" if choice.get("finish_reason") == "length" else "stop"
+    if message.get("refusal"):
+        finish = "refusal"
+    return Result(
+        custom_id, Outcome.SUCCEEDED, text=message.get("content") or message.get("refusal") or "",
+        finish=finish, input_tokens=int(usage.get("prompt_tokens") or 0),
+        output_tokens=int(usage.get("completion_tokens") or 0),
+        cache_read_tokens=int(details.get("cached_tokens") or 0),
+    )
+
+
+def _info(batch: Any) -> BatchInfo:
+    counts = batch.request_counts
+    errors = []
+    if batch.errors and batch.errors.data:
+        errors = [{"code": e.code, "message": e.message, "line": e.line} for e in batch.errors.data]
+    return BatchInfo(
+        id=batch.id, status=batch.status, is_final=batch.status in FINAL,
+        total=counts.total if counts else None, done=counts.completed if counts else None,
+        failed=counts.failed if counts else None, created_at=float(batch.created_at),
+        expires_at=float(batch.expires_at) if batch.expires_at else None,
+        output_file_id=batch.output_file_id or None, error_file_id=batch.error_file_id or None,
+        errors=errors, metadata=dict(batch.metadata or {}), model=getattr(batch, "model", None),
+    )
+

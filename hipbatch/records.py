@@ -1,0 +1,102 @@
+"""Plain records passed between the stages: render -> pack -> submit -> poll -> results -> extract -> collect."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class RequestState(StrEnum):
+    """Where one request (one custom_id) stands in the ledger."""
+
+    PENDING = "pending"  # rendered and written to a shard, not yet in a provider batch
+    SUBMITTED = "submitted"  # in a provider batch that has not been collected
+    SUCCEEDED = "succeeded"  # a reply was received and a prompt extracted
+    FAILED = "failed"  # the provider answered with an error
+    EXPIRED = "expired"  # the batch window passed before this request ran
+    CANCELED = "canceled"  # the batch was cancelled before this request ran
+    EXTRACTION_FAILED = "extraction_failed"  # a reply came back but held no usable prompt
+    TRUNCATED = "truncated"  # the reply was cut off by max_tokens
+    MISSING = "missing"  # sent, but the provider never returned a line for it
+
+
+#: Reasons `retry --only` accepts; every state that has no good answer and is not in flight.
+RETRYABLE = (
+    RequestState.FAILED,
+    RequestState.EXPIRED,
+    RequestState.CANCELED,
+    RequestState.EXTRACTION_FAILED,
+    RequestState.TRUNCATED,
+    RequestState.MISSING,
+)
+
+
+class ShardState(StrEnum):
+    """Life of one JSONL shard, each step committed before the next provider call."""
+
+    QUEUED = "queued"  # written to disk and recorded; waiting for capacity
+    UPLOADING = "uploading"  # intent: an upload was started
+    UPLOADED = "uploaded"  # the provider holds the input file (OpenAI)
+    CREATING = "creating"  # intent: a batch create call was started
+    SUBMITTED = "submitted"  # the provider batch id is recorded
+    AMBIGUOUS = "ambiguous"  # a create may have happened and could not be matched; needs --force
+
+
+class Outcome(StrEnum):
+    """What the provider said about one request, mapped from its own words."""
+
+    SUCCEEDED = "succeeded"
+    ERRORED = "errored"
+    EXPIRED = "expired"
+    CANCELED = "canceled"
+
+
+FINAL_BATCH_STATES = frozenset({"completed", "failed", "expired", "cancelled", "ended"})
+
+
+@dataclass(frozen=True)
+class Request:
+    """One rendered request, provider-neutral."""
+
+    custom_id: str
+    model: str
+    system: str
+    user: str
+    params: dict[str, Any]  # max_tokens, temperature, ...
+
+
+@dataclass
+class BatchInfo:
+    """A provider batch, mapped to neutral fields (`status` keeps the provider's own word)."""
+
+    id: str
+    status: str
+    is_final: bool
+    total: int | None = None
+    done: int | None = None
+    failed: int | None = None
+    counts_final_only: bool = False  # Anthropic: counts only exist once the batch has ended
+    created_at: float | None = None
+    expires_at: float | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    errors: list[dict[str, Any]] = field(default_factory=list)  # batch-level errors (code, message)
+    metadata: dict[str, str] = field(default_factory=dict)
+    model: str | None = None
+
+
+@dataclass
+class Result:
+    """One result line, mapped to neutral fields."""
+
+    custom_id: str
+    outcome: Outcome
+    text: str | None = None
+    finish: str | None = None  # "stop", "length" (cut by max_tokens), "refusal"
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    error_code: str | None = None
+    error_message: str | None = None

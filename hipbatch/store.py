@@ -1,0 +1,393 @@
+"""Store: the only code that talks to SQLite (state dir's hipbatch.db, WAL mode).
+
+Tables: jobs (one per --job), files (job, file_name -> custom_id or skip reason), requests (one row per
+custom_id: state, batch, reply, extracted prompt, usage, cost), shards (JSONL files and their submit
+intents), batches (provider batches and their last known status).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlite_utils import Database
+from sqlite_utils.db import NotFoundError, Table
+
+from hipbatch.errors import StoreLocked
+from hipbatch.migrations import migrations
+from hipbatch.records import BatchInfo, RequestState, ShardState
+
+CHUNK = 2000  # rows per bulk statement: keeps memory flat and statements under SQLite's variable limit
+
+
+def _chunks(items: Iterable[Any], size: int = CHUNK) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class StateLock:
+    """An exclusive lock file per state dir, so two commands never interleave their writes."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "hipbatch.lock"
+        self._fd: int | None = None
+
+    def acquire(self, timeout: float = 30.0) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise StoreLocked(
+                        f"another hipbatch command is working on {self.path.parent} "
+                        f"(waited {timeout:.0f}s); wait for it to finish or stop it, then rerun"
+                    ) from None
+                time.sleep(0.05)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @contextmanager
+    def held(self, timeout: float = 30.0) -> Iterator[None]:
+        self.acquire(timeout)
+        try:
+            yield
+        finally:
+            self.release()
+
+
+class Store:
+    """The ledger of jobs, files, requests, shards and batches."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = StateLock(state_dir)
+        conn = sqlite3.connect(state_dir / "hipbatch.db", timeout=60, isolation_level=None,
+                               check_same_thread=False)
+        self.db = Database(conn)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+        self.db.execute("PRAGMA busy_timeout=60000")
+        with self.lock.held():
+            migrations.apply(self.db)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def table(self, name: str) -> Table:
+        return self.db.table(name)
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        with self.db.atomic():
+            yield
+
+    # ---- jobs and files -------------------------------------------------------------------------
+
+    def upsert_job(self, name: str, **fields: Any) -> None:
+        now = time.time()
+        existing = self._get("jobs", name)
+        row = {"name": name, **fields, "updated_at": now}
+        if existing is None:
+            row["created_at"] = now
+        self.table("jobs").upsert(row, pk="name")
+
+    def job(self, name: str) -> dict[str, Any] | None:
+        return self._get("jobs", name)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return list(self.table("jobs").rows_where(order_by="name"))
+
+    def record_files(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Upsert (job, file_name) -> custom_id / skip_reason rows."""
+        now = time.time()
+        for chunk in _chunks(rows):
+            for row in chunk:
+                row["updated_at"] = now
+            self.table("files").upsert_all(chunk, pk=("job", "file_name"), batch_size=CHUNK)
+
+    def forget_files_except(self, job: str, keep: set[str] | None) -> None:
+        """Drop file rows of files no longer present (only when the whole folder was scanned)."""
+        if keep is None:
+            return
+        gone = [r[0] for r in self.db.execute("SELECT file_name FROM files WHERE job = ?", [job])
+                if r[0] not in keep]
+        for chunk in _chunks(gone, 500):
+            marks = ",".join("?" * len(chunk))
+            self.db.execute(f"DELETE FROM files WHERE job = ? AND file_name IN ({marks})", [job, *chunk])
+
+    def skipped_files(self, job: str | None = None) -> list[dict[str, Any]]:
+        where, args = "skip_reason IS NOT NULL", []
+        if job:
+            where += " AND job = ?"
+            args.append(job)
+        return list(self.table("files").rows_where(where, args, order_by="file_name"))
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def known_ids(self, custom_ids: Sequence[str]) -> set[str]:
+        """Which of these custom_ids the store already has, in one query per chunk."""
+        found: set[str] = set()
+        for chunk in _chunks(custom_ids, 900):
+            marks = ",".join("?" * len(chunk))
+            found.update(r[0] for r in self.db.execute(
+                f"SELECT custom_id FROM requests WHERE custom_id IN ({marks})", chunk))
+        return found
+
+    def add_shard(self, shard: dict[str, Any], requests: Sequence[dict[str, Any]]) -> int:
+        """Record a written shard and its requests in one transaction; returns the shard id."""
+        now = time.time()
+        with self.db.atomic():
+            table = self.table("shards")
+            table.insert({**shard, "state": ShardState.QUEUED, "created_at": now, "updated_at": now})
+            shard_id = int(table.last_pk)  # type: ignore[arg-type]
+            for chunk in _chunks(requests):
+                for row in chunk:
+                    row.update(shard_id=shard_id, state=RequestState.PENDING, created_at=now,
+                               updated_at=now)
+                self.table("requests").insert_all(chunk, pk="custom_id", batch_size=CHUNK, ignore=True)
+        return shard_id
+
+    def move_requests_to_shard(self, custom_ids: Sequence[str], shard: dict[str, Any]) -> int:
+        """Record a retry shard: the requests go back to pending in it, their attempt counted."""
+        now = time.time()
+        with self.db.atomic():
+            table = self.table("shards")
+            table.insert({**shard, "state": ShardState.QUEUED, "created_at": now, "updated_at": now})
+            shard_id = int(table.last_pk)  # type: ignore[arg-type]
+            for chunk in _chunks(custom_ids, 900):
+                marks = ",".join("?" * len(chunk))
+                self.db.execute(
+                    f"UPDATE requests SET shard_id = ?, batch_id = NULL, state = ?, updated_at = ? "
+                    f"WHERE custom_id IN ({marks})",
+                    [shard_id, RequestState.PENDING, now, *chunk],
+                )
+        return shard_id
+
+    def request(self, custom_id: str) -> dict[str, Any] | None:
+        return self._get("requests", custom_id)
+
+    def requests_in_states(self, states: Iterable[str], job: str | None = None,
+                           max_attempts: int | None = None) -> Iterator[dict[str, Any]]:
+        states = list(states)
+        where = f"state IN ({','.join('?' * len(states))})"
+        args: list[Any] = list(states)
+        if job:
+            where += " AND job = ?"
+            args.append(job)
+        if max_attempts is not None:
+            where += " AND attempts < ?"
+            args.append(max_attempts)
+        yield from self.table("requests").rows_where(where, args, order_by="shard_id, custom_id",
+                                                   select="custom_id, shard_id, provider, model, endpoint, "
+                                                          "job, est_input_tokens, attempts, state")
+
+    def batch_request_ids(self, batch_id: str) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT custom_id FROM requests WHERE batch_id = ?",
+                                              [batch_id])}
+
+    def save_results(self, rows: Sequence[dict[str, Any]], keep_success: bool = True) -> None:
+        """Store outcomes (state, reply, prompt, usage...) keyed by custom_id, in bulk.
+
+        With keep_success, a request that already has a good answer is never overwritten by a worse one
+        (a late line from an older batch of the same request).
+        """
+        now = time.time()
+        guard = " AND (state != ? OR ? = ?)" if keep_success else ""
+        for chunk in _chunks(rows):
+            with self.db.atomic():
+                for row in chunk:
+                    row["updated_at"] = now
+                    cols = [k for k in row if k != "custom_id"]
+                    args = [row[c] for c in cols] + [row["custom_id"]]
+                    if keep_success:
+                        args += [RequestState.SUCCEEDED, row.get("state"), RequestState.SUCCEEDED]
+                    self.db.execute(
+                        f"UPDATE requests SET {', '.join(f'{c} = ?' for c in cols)} WHERE custom_id = ?{guard}",
+                        args,
+                    )
+
+    def mark_unanswered(self, batch_id: str, state: str, message: str) -> int:
+        """Requests of a batch still waiting on it after its results were read get `state`."""
+        cur = self.db.execute(
+            "UPDATE requests SET state = ?, error_code = ?, error_message = ?, updated_at = ? "
+            "WHERE batch_id = ? AND state = ?",
+            [state, state, message, time.time(), batch_id, RequestState.SUBMITTED],
+        )
+        return int(cur.rowcount)
+
+    def stored_replies(self, job: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every request that holds a reply, for --reextract."""
+        where = "reply_text IS NOT NULL OR finish IS NOT NULL"
+        args: list[Any] = []
+        if job:
+            where = f"({where}) AND job = ?"
+            args.append(job)
+        yield from self.table("requests").rows_where(where, args, select="custom_id, job, reply_text, finish")
+
+    def dataset_rows(self, job: str | None = None) -> Iterator[dict[str, Any]]:
+        """Files whose request has an extracted prompt, sorted by file name; streamed from SQLite."""
+        sql = (
+            "SELECT f.job AS job, f.file_name AS file_name, r.prompt AS english_prompt, "
+            "r.custom_id AS custom_id, r.provider AS provider, r.model AS model, r.via AS via "
+            "FROM files f JOIN requests r ON r.custom_id = f.custom_id "
+            "WHERE r.state = ? {job} ORDER BY f.file_name, f.job"
+        )
+        args: list[Any] = [RequestState.SUCCEEDED]
+        if job:
+            args.append(job)
+        yield from self.db.query(sql.format(job="AND f.job = ?" if job else ""), args)
+
+    def request_counts(self, job: str | None = None) -> dict[str, int]:
+        sql = "SELECT state, count(*) FROM requests {} GROUP BY state"
+        if job:
+            rows = self.db.execute(sql.format("WHERE job = ?"), [job]).fetchall()
+        else:
+            rows = self.db.execute(sql.format("")).fetchall()
+        return {state: n for state, n in rows}
+
+    def failure_reasons(self, job: str | None = None) -> dict[str, int]:
+        sql = ("SELECT state || CASE WHEN error_code IS NOT NULL AND error_code != state "
+               "THEN ':' || error_code ELSE '' END, count(*) FROM requests WHERE state NOT IN (?, ?, ?) {} "
+               "GROUP BY 1 ORDER BY 2 DESC")
+        args = [RequestState.SUCCEEDED, RequestState.PENDING, RequestState.SUBMITTED]
+        if job:
+            return dict(self.db.execute(sql.format("AND job = ?"), [*args, job]).fetchall())
+        return dict(self.db.execute(sql.format(""), args).fetchall())
+
+    # ---- shards ---------------------------------------------------------------------------------
+
+    def shard(self, shard_id: int) -> dict[str, Any]:
+        row = self._get("shards", shard_id)
+        if row is None:
+            raise KeyError(shard_id)
+        return row
+
+    def shards_in_states(self, states: Iterable[str]) -> list[dict[str, Any]]:
+        states = list(states)
+        return list(self.table("shards").rows_where(
+            f"state IN ({','.join('?' * len(states))})", states, order_by="id"))
+
+    def next_shard_number(self) -> int:
+        row = self.db.execute("SELECT coalesce(max(id), 0) + 1 FROM shards").fetchone()
+        return int(row[0])
+
+    def update_shard(self, shard_id: int, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        self.table("shards").update(shard_id, fields)
+
+    def attach_batch(self, shard: dict[str, Any], info: BatchInfo, adopted: bool = False) -> None:
+        """Record the provider batch of a shard and mark its requests submitted, in one transaction."""
+        now = time.time()
+        with self.db.atomic():
+            self.table("batches").upsert(
+                {
+                    "id": info.id, "shard_id": shard["id"], "job": shard["job"],
+                    "provider": shard["provider"], "model": shard["model"], "status": info.status,
+                    "is_final": int(info.is_final), "total": info.total, "done": info.done,
+                    "failed": info.failed, "counts_final_only": int(info.counts_final_only),
+                    "created_at": info.created_at or now, "expires_at": info.expires_at,
+                    "output_file_id": info.output_file_id, "error_file_id": info.error_file_id,
+                    "errors": json.dumps(info.errors) if info.errors else None,
+                    "adopted": int(adopted), "refreshed_at": now,
+                },
+                pk="id",
+            )
+            self.update_shard(shard["id"], state=ShardState.SUBMITTED, batch_id=info.id)
+            self.db.execute(
+                "UPDATE requests SET state = ?, batch_id = ?, attempts = attempts + 1, updated_at = ? "
+                "WHERE shard_id = ? AND state = ?",
+                [RequestState.SUBMITTED, info.id, now, shard["id"], RequestState.PENDING],
+            )
+
+    def requeue_shard(self, shard_id: int, batch_id: str) -> None:
+        """A batch refused for quota goes back to the queue: its requests are pending again, uncounted."""
+        now = time.time()
+        with self.db.atomic():
+            self.db.execute(
+                "UPDATE requests SET state = ?, batch_id = NULL, attempts = max(attempts - 1, 0), "
+                "updated_at = ? WHERE batch_id = ? AND state = ?",
+                [RequestState.PENDING, now, batch_id, RequestState.SUBMITTED],
+            )
+            self.db.execute("UPDATE shards SET state = ?, batch_id = NULL, file_id = NULL, "
+                            "requeues = requeues + 1, updated_at = ? WHERE id = ?",
+                            [ShardState.QUEUED, now, shard_id])
+            self.db.execute("UPDATE batches SET collected = 1 WHERE id = ?", [batch_id])
+
+    def shard_ids_with_pending(self, shard_id: int) -> int:
+        row = self.db.execute("SELECT count(*) FROM requests WHERE shard_id = ? AND state = ?",
+                              [shard_id, RequestState.PENDING]).fetchone()
+        return int(row[0])
+
+    # ---- batches --------------------------------------------------------------------------------
+
+    def batch(self, batch_id: str) -> dict[str, Any] | None:
+        return self._get("batches", batch_id)
+
+    def batches(self, job: str | None = None, unfinished_only: bool = False) -> list[dict[str, Any]]:
+        where, args = [], []
+        if job:
+            where.append("job = ?")
+            args.append(job)
+        if unfinished_only:
+            where.append("is_final = 0")
+        return list(self.table("batches").rows_where(" AND ".join(where) or None, args,
+                                                     order_by="created_at, id"))
+
+    def batches_to_collect(self) -> list[dict[str, Any]]:
+        return list(self.table("batches").rows_where("is_final = 1 AND collected = 0", order_by="created_at"))
+
+    def known_batch_ids(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT id FROM batches")}
+
+    def update_batch(self, info: BatchInfo) -> None:
+        self.table("batches").update(info.id, {
+            "status": info.status, "is_final": int(info.is_final), "total": info.total, "done": info.done,
+            "failed": info.failed, "expires_at": info.expires_at, "output_file_id": info.output_file_id,
+            "error_file_id": info.error_file_id, "errors": json.dumps(info.errors) if info.errors else None,
+            "finished_at": time.time() if info.is_final else None, "refreshed_at": time.time(),
+        })
+
+    def mark_collected(self, batch_id: str) -> None:
+        self.table("batches").update(batch_id, {"collected": 1})
+
+    def in_flight(self, provider: str, model: str | None = None) -> tuple[int, int]:
+        """(batches, estimated input tokens) currently at the provider and not final."""
+        sql = ("SELECT count(*), coalesce(sum(s.est_tokens), 0) FROM batches b JOIN shards s "
+               "ON s.id = b.shard_id WHERE b.is_final = 0 AND b.provider = ?")
+        args = [provider]
+        if model:
+            sql += " AND b.model = ?"
+            args.append(model)
+        n, tokens = self.db.execute(sql, args).fetchone()
+        return int(n), int(tokens)
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _get(self, table: str, pk: Any) -> dict[str, Any] | None:
+        try:
+            return dict(self.table(table).get(pk))
+        except NotFoundError:
+            return None
