@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import tomllib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path

@@ -266,7 +266,7 @@ class Store:
             rows = self.db.execute(sql.format("WHERE job = ?"), [job]).fetchall()
         else:
             rows = self.db.execute(sql.format("")).fetchall()
-        return {state: n for state, n in rows}
+        return dict(rows)
 
     def failure_reasons(self, job: str | None = None) -> dict[str, int]:
         sql = ("SELECT state || CASE WHEN error_code IS NOT NULL AND error_code != state "
