@@ -300,7 +300,7 @@ def _print_status_table(rows: list[dict[str, Any]], store: Any, job: str | None)
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # scripts and logs get full rows
     if not rows:
         console.print("No batches yet. Send some with `hipbatch submit DIR`.")
         return
