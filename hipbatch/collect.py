@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from hipbatch.providers.base import iter_jsonl
 from hipbatch.records import BatchInfo, Outcome, RequestState, Result
 from hipbatch.render import load_template
 from hipbatch.store import Store
-from hipbatch.submit import Adapters, Window
+from hipbatch.submit import Adapters, Window, pick_window
 
 QUOTA_CODES = ("token_limit_exceeded",)
 
@@ -31,7 +31,7 @@ class RefreshReport:
     errors: list[str] = field(default_factory=list)  # status checks that failed (batch left as it was)
 
 
-def refresh(store: Store, adapters: Adapters, window: Window | None = None,
+def refresh(store: Store, adapters: Adapters, window: Window | Mapping[str, Window] | None = None,
             sleep: Callable[[float], None] = time.sleep) -> RefreshReport:
     """Ask the provider about every unfinished batch; a failed check leaves the batch as it was."""
     report = RefreshReport()
@@ -42,17 +42,23 @@ def refresh(store: Store, adapters: Adapters, window: Window | None = None,
             report.errors.append(f"{batch['id']}: {e}")
             continue
         report.refreshed += 1
-        store.update_batch(info)
-        if info.status == "failed" and any(e.get("code") in QUOTA_CODES for e in info.errors):
-            # Over the enqueued-token quota: not the requests' fault. Queue the shard again, shrink the window.
-            store.requeue_shard(batch["shard_id"], batch["id"])
+        quota = info.status == "failed" and any(e.get("code") in QUOTA_CODES for e in info.errors)
+        # One transaction: a batch recorded as failed must never be left without its shard requeued.
+        with store.atomic():
+            store.update_batch(info)
+            if quota:
+                store.requeue_shard(batch["shard_id"], batch["id"])
+        if quota:
+            # Over the enqueued-token quota: not the requests' fault. Shard queued again; shrink the window.
             report.requeued.append(batch["id"])
             if window is not None:
                 # What is still enqueued is what the quota holds: send no more than that until a batch ends.
                 _, in_flight = store.in_flight(batch["provider"], batch["model"])
-                window.shrunk[batch["model"]] = max(in_flight, 1)
+                pick_window(window, batch["provider"]).refused(batch["model"], in_flight)
         elif window is not None and info.is_final and info.status != "failed":
-            window.shrunk.pop(batch["model"], None)
+            # The window grows back by what this batch held at the provider.
+            _, tokens = store.shard_size(batch["shard_id"])
+            pick_window(window, batch["provider"]).succeeded(batch["model"], tokens)
     return report
 
 
@@ -61,6 +67,7 @@ class CollectReport:
     batches: list[str] = field(default_factory=list)
     lines: int = 0
     refetches: int = 0
+    errors: list[str] = field(default_factory=list)  # batches whose results could not be read (uncollected)
 
 
 class _Extractors:
@@ -87,6 +94,7 @@ def outcome_row(result: Result, settings: ExtractSettings, via: str = "batch") -
         "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
         "cache_read_tokens": result.cache_read_tokens, "cache_write_tokens": result.cache_write_tokens,
         "error_code": result.error_code, "error_message": result.error_message,
+        "cost_usd": None,  # recomputed from the tokens just set (cost.settle): set, never added
     }
     if result.outcome is Outcome.SUCCEEDED:
         ex = extract(result.text, result.finish, settings)
@@ -109,11 +117,19 @@ def collect_batches(store: Store, adapters: Adapters, progress: Progress | None 
     results_dir = store.state_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     for batch in store.batches_to_collect():
-        provider = adapters.get(batch["provider"])
         info = _info_from_row(batch)
         dest = results_dir / f"{batch['id']}.jsonl"
-        if info.output_file_id or info.error_file_id or batch["counts_final_only"]:
-            report.refetches += _download_checked(provider, info, dest, sleep)
+        try:
+            provider = adapters.get(batch["provider"])
+            # dest only ever appears whole (checked, then renamed): a collect killed after the download
+            # reads it again instead of fetching it again.
+            if (info.output_file_id or info.error_file_id or batch["counts_final_only"]) and not dest.exists():
+                provider.check_key()
+                report.refetches += _download_checked(provider, info, dest, sleep)
+        except HipbatchError as e:
+            # Left uncollected, its requests still `submitted`: the next collect fetches it again.
+            report.errors.append(f"{batch['id']}: results not read, batch left uncollected: {e}")
+            continue
         with progress.task(f"collect {batch['id']}", info.total) as bar:
             rows: list[dict[str, Any]] = []
             if dest.exists():
@@ -122,10 +138,10 @@ def collect_batches(store: Store, adapters: Adapters, progress: Progress | None 
                     rows.append(outcome_row(result, extractors(batch["job"])))
                     report.lines += 1
                     if len(rows) >= 2000:
-                        store.save_results(rows)
+                        store.save_results(rows, from_batch=batch["id"])
                         bar.advance(len(rows))
                         rows = []
-            store.save_results(rows)
+            store.save_results(rows, from_batch=batch["id"])
             bar.advance(len(rows))
         leftover_state, message = _leftover(info)
         store.mark_unanswered(batch["id"], leftover_state, message)
@@ -160,10 +176,10 @@ def _download_checked(provider: Provider, info: BatchInfo, dest: Path, sleep: Ca
                 raise TransientError(f"{info.id}: download has {count} of {expected} lines")
             os.replace(part, dest)
             return refetches
-        except (TransientError, ValueError):
+        except (TransientError, ValueError) as e:
             refetches += 1
             if attempt == tries - 1:
-                raise
+                raise TransientError(f"{info.id}: download still incomplete after {tries} tries: {e}") from e
             sleep(min(0.5 * 2**attempt, 10.0))
     return refetches
 
@@ -202,6 +218,8 @@ def reextract(store: Store, job: str | None = None) -> dict[str, int]:
 def write_dataset(store: Store, output: Path, fmt: str = "json", job: str | None = None) -> int:
     """Write the dataset atomically (temp file + rename), streamed from the store; returns records."""
     output.parent.mkdir(parents=True, exist_ok=True)
+    for stale in output.parent.glob(f".{output.name}.*.part"):
+        stale.unlink(missing_ok=True)  # left by a killed run; callers hold the state-dir lock
     part = output.with_name(f".{output.name}.{os.getpid()}.part")
     n = 0
     try:

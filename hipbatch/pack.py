@@ -2,11 +2,87 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import uuid
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+_SENTINELS = ("\x00hipbatch-custom-id\x00", "\x00hipbatch-system\x00", "\x00hipbatch-user\x00")
+
+
+class _LineMaker(Protocol):
+    name: str
+    endpoint: str
+
+    def to_line(self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str
+                ) -> dict[str, Any]: ...
+
+
+class LineEncoder:
+    """(system, user) -> (custom_id, JSONL line), JSON-escaping each text once.
+
+    Escaping the source text is most of the cost of a request. The id keeps render.request_id's recipe
+    (sha256 of the canonical JSON of provider, endpoint, model, params, system, user) and the line is
+    byte for byte `json.dumps(provider.to_line(...))`; both are assembled from the same escaped bytes.
+    This relies on to_line placing system and user as opaque strings; if a provider's line does not contain
+    each of them exactly once, every line falls back to a plain json.dumps.
+    """
+
+    def __init__(self, provider: _LineMaker, model: str, params: dict[str, Any]) -> None:
+        self.provider, self.model, self.params = provider, model, params
+        head = json.dumps([provider.name, provider.endpoint, model, sorted(params.items())],
+                          ensure_ascii=False, separators=(",", ":"), default=str)
+        self._head = hashlib.sha256((head[:-1] + ",").encode("utf-8"))
+        self._system: tuple[str, bytes, Any] | None = None  # last system text, escaped, hash so far
+        self._layouts: dict[tuple[bool, bool], list[bytes | int] | None] = {}
+
+    def encode(self, system: str, user: str) -> tuple[str, bytes]:
+        """The request's custom_id and its JSONL line (with the trailing newline)."""
+        cached = self._system
+        if cached is None or cached[0] is not system and cached[0] != system:
+            esys = encode_basestring(system).encode("utf-8")
+            head = self._head.copy()
+            head.update(esys + b",")
+            cached = self._system = (system, esys, head)
+        esys, digest = cached[1], cached[2].copy()
+        euser = encode_basestring(user).encode("utf-8")
+        digest.update(euser)
+        digest.update(b"]")
+        custom_id = "hb-" + digest.hexdigest()[:48]
+        layout = self._layout(bool(system), bool(user))
+        if layout is None:
+            line = self.provider.to_line(custom_id, self.model, self.params, system, user)
+            return custom_id, (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        slots = (b'"' + custom_id.encode("ascii") + b'"', esys, euser)
+        return custom_id, b"".join(part if isinstance(part, bytes) else slots[part] for part in layout)
+
+    def _layout(self, has_system: bool, has_user: bool) -> list[bytes | int] | None:
+        """The line cut around the three strings: literal bytes and slot numbers (0 id, 1 system, 2 user)."""
+        key = (has_system, has_user)
+        if key not in self._layouts:
+            cid, system, user = _SENTINELS
+            line = self.provider.to_line(cid, self.model, self.params, system if has_system else "",
+                                         user if has_user else "")
+            text = (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+            marks = [(encode_basestring(s).encode(), slot) for slot, s in enumerate(_SENTINELS)
+                     if slot == 0 or (has_system, has_user)[slot - 1]]
+            layout: list[bytes | int] | None = []
+            if any(text.count(mark) != 1 for mark, _ in marks):
+                layout = None
+            else:
+                assert layout is not None
+                at = 0
+                for mark, slot in sorted(marks, key=lambda m: text.index(m[0])):
+                    start = text.index(mark)
+                    layout += [text[at:start], slot]
+                    at = start + len(mark)
+                layout.append(text[at:])
+            self._layouts[key] = layout
+        return self._layouts[key]
 
 
 @dataclass
@@ -18,7 +94,7 @@ class Shard:
     n_requests: int = 0
     n_bytes: int = 0
     est_tokens: int = 0
-    requests: list[dict[str, Any]] = field(default_factory=list)
+    requests: list[Any] = field(default_factory=list)  # ledger rows (dicts, or the caller's tuples)
     ids: set[str] = field(default_factory=set)
 
 
@@ -29,11 +105,13 @@ class ShardWriter:
     half-written shard under its final name.
     """
 
-    def __init__(self, directory: Path, prefix: str, max_requests: int, max_bytes: int) -> None:
+    def __init__(self, directory: Path, prefix: str, max_requests: int, max_bytes: int,
+                 durable: bool = True) -> None:
         self.directory = directory
         self.prefix = prefix
         self.max_requests = max_requests
         self.max_bytes = max_bytes
+        self.durable = durable  # fsync each shard before it is renamed and recorded (not for previews)
         self.current: Shard | None = None
         self._fh: Any = None
         directory.mkdir(parents=True, exist_ok=True)
@@ -41,8 +119,11 @@ class ShardWriter:
     def fits_alone(self, line: bytes) -> bool:
         return len(line) <= self.max_bytes
 
-    def add(self, line: bytes, row: dict[str, Any], est_tokens: int) -> Shard | None:
-        """Add one line; returns the shard it closed to make room, if any."""
+    def add(self, line: bytes, row: Any, est_tokens: int, custom_id: str | None = None) -> Shard | None:
+        """Add one line; returns the shard it closed to make room, if any.
+
+        row is kept for the ledger; custom_id defaults to row["custom_id"].
+        """
         closed = None
         cur = self.current
         if cur is not None and (cur.n_requests >= self.max_requests or cur.n_bytes + len(line) > self.max_bytes):
@@ -57,7 +138,7 @@ class ShardWriter:
         cur.n_bytes += len(line)
         cur.est_tokens += est_tokens
         cur.requests.append(row)
-        cur.ids.add(row["custom_id"])
+        cur.ids.add(custom_id if custom_id is not None else row["custom_id"])
         return closed
 
     def close(self) -> Shard | None:
@@ -66,7 +147,8 @@ class ShardWriter:
         if shard is None:
             return None
         self._fh.flush()
-        os.fsync(self._fh.fileno())
+        if self.durable:
+            os.fsync(self._fh.fileno())
         self._fh.close()
         os.replace(shard.path.with_suffix(".jsonl.part"), shard.path)
         return shard

@@ -24,6 +24,8 @@ class _NullTask:
 class NullProgress:
     """No output: for --json, tests and non-terminal stderr."""
 
+    active = False  # callers skip work done only for the bar (such as counting the total first)
+
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Task]:
         yield _NullTask()
@@ -31,6 +33,8 @@ class NullProgress:
 
 class RichProgress:
     """A transient rich bar with counts and rate on stderr."""
+
+    active = True
 
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Task]:

@@ -41,6 +41,8 @@ class ShardState(StrEnum):
     CREATING = "creating"  # intent: a batch create call was started
     SUBMITTED = "submitted"  # the provider batch id is recorded
     AMBIGUOUS = "ambiguous"  # a create may have happened and could not be matched; needs --force
+    CANCELED = "canceled"  # taken out of the local queue by `cancel` before it was sent
+    ANSWERED = "answered"  # never sent: answered live before its turn (the rest moved to a new queued shard)
 
 
 class Outcome(StrEnum):

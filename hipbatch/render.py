@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
+import re
 import tomllib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +33,13 @@ class Template:
     params: dict[str, Any]  # model, max_tokens, temperature (template defaults)
     provider_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # [request.<provider>]
     extract: ExtractSettings = field(default_factory=ExtractSettings)
+    static_system: str | None = None  # the system prompt, rendered once when it uses no per-file variable
 
     def render(self, code: str, file_name: str) -> tuple[str, str]:
         """Render (system, user) for one source file."""
         variables = {"code": code, "file_name": file_name, "language": "HIP"}
-        return _render(self.system, variables), _render(self.user, variables)
+        system = self.static_system if self.static_system is not None else _render(self.system, variables)
+        return system, _render(self.user, variables)
 
     def defaults_for(self, provider: str) -> dict[str, Any]:
         return {**self.params, **self.provider_params.get(provider, {})}
@@ -80,7 +84,23 @@ def load_template(path: Path) -> Template:
         extract = ExtractSettings.from_mapping(settings.get("extract", {}))
     except ValueError as e:
         raise TemplateError(f"{toml_path}: [extract] {e}") from None
-    return Template(path, templates["system.j2"], templates["user.j2"], request, provider_params, extract)
+    return Template(path, templates["system.j2"], templates["user.j2"], request, provider_params, extract,
+                    _static_render(env, templates["system.j2"]))
+
+
+def _static_render(env: jinja2.Environment, template: jinja2.Template) -> str | None:
+    """The template's text if it depends on no per-file variable (so it is rendered once, not per file)."""
+    import jinja2.meta
+    import jinja2.nodes
+
+    assert env.loader is not None and template.name is not None
+    ast = env.parse(env.loader.get_source(env, template.name)[0])
+    if jinja2.meta.find_undeclared_variables(ast) - {"language"}:
+        return None
+    if any(ast.find(kind) for kind in (jinja2.nodes.Include, jinja2.nodes.Extends, jinja2.nodes.Import,
+                                       jinja2.nodes.FromImport)):
+        return None  # an included file may use the code
+    return _render(template, {"language": "HIP"})
 
 
 def _render(template: jinja2.Template, variables: dict[str, Any]) -> str:
@@ -108,6 +128,14 @@ def _template_line(error: BaseException) -> str:
 
 def discover(input_dir: Path, pattern: str = "**/*.hip") -> list[str]:
     """Relative posix names of the files under input_dir matching the glob, sorted."""
+    return list(iter_discover(input_dir, pattern))
+
+
+def iter_discover(input_dir: Path, pattern: str = "**/*.hip") -> Iterator[str]:
+    """The same names as discover(), in the same sorted order, found lazily one folder at a time.
+
+    A bad INPUT_DIR raises here, at the call; the walk itself starts on the first next().
+    """
     if not input_dir.exists():
         raise UsageError(f"INPUT_DIR {input_dir}: no such folder")
     if not input_dir.is_dir():
@@ -117,17 +145,36 @@ def discover(input_dir: Path, pattern: str = "**/*.hip") -> list[str]:
     while pattern.startswith("**/"):
         pattern = pattern[3:]
         patterns.add(pattern)
-    names: list[str] = []
-    base = str(input_dir)
-    for root, dirs, files in os.walk(base):
-        dirs.sort()
-        rel_root = os.path.relpath(root, base)
-        for fname in files:
-            rel = fname if rel_root == "." else f"{rel_root}/{fname}".replace(os.sep, "/")
-            if any(fnmatchcase(rel, p) for p in patterns):
-                names.append(rel)
-    names.sort()
-    return names
+    matchers = tuple(re.compile(fnmatch.translate(p)).match for p in sorted(patterns))
+    return _walk_sorted(str(input_dir), "", matchers)
+
+
+def _walk_sorted(base: str, rel: str, matchers: tuple[Callable[[str], Any], ...]) -> Iterator[str]:
+    # A folder sorts as "name/", so visiting entries in that order yields exactly sorted(all relative
+    # paths) without holding them all. Symlinked folders are not entered (as os.walk); unreadable ones
+    # are skipped.
+    try:
+        with os.scandir(os.path.join(base, rel) if rel else base) as it:
+            entries = []
+            for entry in it:
+                try:
+                    is_dir = entry.is_dir()
+                except OSError:
+                    is_dir = False
+                if not is_dir:
+                    entries.append((entry.name, False))
+                elif not entry.is_symlink():
+                    entries.append((entry.name + "/", True))
+    except OSError:
+        return
+    entries.sort()
+    for key, is_dir in entries:
+        if is_dir:
+            yield from _walk_sorted(base, rel + key, matchers)
+        else:
+            name = rel + key
+            if any(match(name) for match in matchers):
+                yield name
 
 
 class SkipFile(Exception):

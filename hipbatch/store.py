@@ -22,7 +22,7 @@ from sqlite_utils.db import NotFoundError, Table
 
 from hipbatch.errors import StoreLocked
 from hipbatch.migrations import migrations
-from hipbatch.records import BatchInfo, RequestState, ShardState
+from hipbatch.records import RETRYABLE, BatchInfo, RequestState, ShardState
 
 CHUNK = 2000  # rows per bulk statement: keeps memory flat and statements under SQLite's variable limit
 
@@ -120,13 +120,22 @@ class Store:
     def jobs(self) -> list[dict[str, Any]]:
         return list(self.table("jobs").rows_where(order_by="name"))
 
-    def record_files(self, rows: Sequence[dict[str, Any]]) -> None:
-        """Upsert (job, file_name) -> custom_id / skip_reason rows."""
-        now = time.time()
-        for chunk in _chunks(rows):
-            for row in chunk:
-                row["updated_at"] = now
-            self.table("files").upsert_all(chunk, pk=("job", "file_name"), batch_size=CHUNK)
+    def record_files(self, rows: Iterable[dict[str, Any]], now: float | None = None) -> None:
+        """Upsert (job, file_name) -> custom_id / skip_reason rows, stamped with `now`, in one transaction."""
+        now = time.time() if now is None else now
+        with self.db.atomic():
+            self.db.conn.executemany(
+                "INSERT INTO files (job, file_name, custom_id, skip_reason, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (job, file_name) DO UPDATE SET custom_id = excluded.custom_id, "
+                "skip_reason = excluded.skip_reason, updated_at = excluded.updated_at",
+                ((r["job"], r["file_name"], r.get("custom_id"), r.get("skip_reason"), now) for r in rows),
+            )
+
+    def forget_files_not_seen(self, job: str, stamp: float) -> int:
+        """Drop the job's file rows that a full scan did not stamp with `stamp` (files no longer there)."""
+        cur = self.db.execute("DELETE FROM files WHERE job = ? AND updated_at != ?", [job, stamp])
+        return int(cur.rowcount)
 
     def forget_files_except(self, job: str, keep: set[str] | None) -> None:
         """Drop file rows of files no longer present (only when the whole folder was scanned)."""
@@ -156,7 +165,7 @@ class Store:
                 f"SELECT custom_id FROM requests WHERE custom_id IN ({marks})", chunk))
         return found
 
-    def add_shard(self, shard: dict[str, Any], requests: Sequence[dict[str, Any]]) -> int:
+    def add_shard(self, shard: dict[str, Any], requests: Iterable[dict[str, Any]]) -> int:
         """Record a written shard and its requests in one transaction; returns the shard id."""
         now = time.time()
         with self.db.atomic():
@@ -208,25 +217,37 @@ class Store:
         return {r[0] for r in self.db.execute("SELECT custom_id FROM requests WHERE batch_id = ?",
                                               [batch_id])}
 
-    def save_results(self, rows: Sequence[dict[str, Any]], keep_success: bool = True) -> None:
+    def save_results(self, rows: Sequence[dict[str, Any]], keep_success: bool = True,
+                     from_batch: str | None = None) -> None:
         """Store outcomes (state, reply, prompt, usage...) keyed by custom_id, in bulk.
 
         With keep_success, a request that already has a good answer is never overwritten by a worse one
-        (a late line from an older batch of the same request).
+        (a late line from an older batch of the same request). With from_batch, a line read again from an
+        older batch (a collect killed before it finished, rerun after `retry` resent the request) only
+        counts if it is a success: a stale failure must not mark a request that is in flight again.
         """
         now = time.time()
         guard = " AND (state != ? OR ? = ?)" if keep_success else ""
+        if from_batch is not None:
+            guard += " AND (batch_id = ? OR ? = ?)"
         for chunk in _chunks(rows):
+            # Rows with the same columns share one statement, run with executemany: no per-row round trip.
+            groups: dict[tuple[str, ...], list[list[Any]]] = {}
+            for row in chunk:
+                row["updated_at"] = now
+                cols = tuple(k for k in row if k != "custom_id")
+                args = [row[c] for c in cols]
+                args.append(row["custom_id"])
+                if keep_success:
+                    args += [RequestState.SUCCEEDED, row.get("state"), RequestState.SUCCEEDED]
+                if from_batch is not None:
+                    args += [from_batch, row.get("state"), RequestState.SUCCEEDED]
+                groups.setdefault(cols, []).append(args)
             with self.db.atomic():
-                for row in chunk:
-                    row["updated_at"] = now
-                    cols = [k for k in row if k != "custom_id"]
-                    args = [row[c] for c in cols] + [row["custom_id"]]
-                    if keep_success:
-                        args += [RequestState.SUCCEEDED, row.get("state"), RequestState.SUCCEEDED]
-                    self.db.execute(
+                for cols, many in groups.items():
+                    self.db.conn.executemany(
                         f"UPDATE requests SET {', '.join(f'{c} = ?' for c in cols)} WHERE custom_id = ?{guard}",
-                        args,
+                        many,
                     )
 
     def mark_unanswered(self, batch_id: str, state: str, message: str) -> int:
@@ -341,6 +362,49 @@ class Store:
                               [shard_id, RequestState.PENDING]).fetchone()
         return int(row[0])
 
+    def pending_in_shard(self, shard_id: int) -> set[str]:
+        """custom_ids of a shard's requests that still wait to be sent."""
+        rows = self.db.execute("SELECT custom_id FROM requests WHERE shard_id = ? AND state = ?",
+                               [shard_id, RequestState.PENDING])
+        return {r[0] for r in rows}
+
+    def cancel_queued_shards(self, job: str | None = None) -> tuple[int, int]:
+        """Take shards no batch was asked for yet out of the local queue; their pending requests become
+        canceled (and so retryable). Returns (shards, requests)."""
+        states = [ShardState.QUEUED, ShardState.UPLOADING, ShardState.UPLOADED]
+        where = f"state IN ({','.join('?' * len(states))})" + (" AND job = ?" if job else "")
+        args: list[Any] = [*states, *([job] if job else [])]
+        now = time.time()
+        with self.db.atomic():
+            ids = [r[0] for r in self.db.execute(f"SELECT id FROM shards WHERE {where}", args)]
+            n = 0
+            for chunk in _chunks(ids, 500):
+                marks = ",".join("?" * len(chunk))
+                n += int(self.db.execute(
+                    f"UPDATE requests SET state = ?, error_code = ?, error_message = ?, updated_at = ? "
+                    f"WHERE state = ? AND shard_id IN ({marks})",
+                    [RequestState.CANCELED, RequestState.CANCELED, "cancelled before it was sent", now,
+                     RequestState.PENDING, *chunk]).rowcount)
+                self.db.execute(f"UPDATE shards SET state = ?, updated_at = ? WHERE id IN ({marks})",
+                                [ShardState.CANCELED, now, *chunk])
+        return len(ids), n
+
+    def live_work(self, job: str, file_names: Sequence[str]) -> Iterator[dict[str, Any]]:
+        """Requests of these files that have no good answer and that no batch holds or may hold:
+        pending in a shard never sent (queued), or in a retryable state. For live mode."""
+        retryable = list(RETRYABLE)
+        for chunk in _chunks(file_names, 500):
+            sql = (
+                "SELECT f.file_name AS file_name, r.custom_id AS custom_id, r.state AS state, "
+                "r.attempts AS attempts, r.est_input_tokens AS est_input_tokens, r.max_tokens AS max_tokens "
+                "FROM files f JOIN requests r ON r.custom_id = f.custom_id "
+                "LEFT JOIN shards s ON s.id = r.shard_id "
+                f"WHERE f.job = ? AND f.file_name IN ({','.join('?' * len(chunk))}) "
+                f"AND (r.state IN ({','.join('?' * len(retryable))}) OR (r.state = ? AND s.state = ?)) "
+                "ORDER BY f.file_name"
+            )
+            yield from self.db.query(sql, [job, *chunk, *retryable, RequestState.PENDING, ShardState.QUEUED])
+
     # ---- batches --------------------------------------------------------------------------------
 
     def batch(self, batch_id: str) -> dict[str, Any] | None:
@@ -372,6 +436,11 @@ class Store:
 
     def mark_collected(self, batch_id: str) -> None:
         self.table("batches").update(batch_id, {"collected": 1})
+
+    def shard_size(self, shard_id: int) -> tuple[int, int]:
+        """(requests, estimated input tokens) of one shard, (0, 0) if it is unknown."""
+        row = self.db.execute("SELECT n_requests, est_tokens FROM shards WHERE id = ?", [shard_id]).fetchone()
+        return (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
 
     def in_flight(self, provider: str, model: str | None = None) -> tuple[int, int]:
         """(batches, estimated input tokens) currently at the provider and not final."""

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
+if TYPE_CHECKING:  # the SDK takes ~1 s to import: only calls that reach the provider load it
+    import anthropic
 
 from hipbatch.errors import ProviderError, TransientError, UsageError
 from hipbatch.providers.base import ProviderSettings, iter_jsonl, retry_after_of
@@ -21,6 +22,8 @@ FINISH = {"max_tokens": "length", "refusal": "refusal", "model_context_window_ex
 @contextmanager
 def translate(what: str) -> Iterator[None]:
     """SDK exceptions -> hipbatch errors: transient ones can be retried, the rest are final."""
+    import anthropic
+
     try:
         yield
     except anthropic.APIConnectionError as e:
@@ -67,6 +70,8 @@ class Adapter:
 
     @cached_property
     def client(self) -> anthropic.Anthropic:
+        import anthropic
+
         return anthropic.Anthropic(api_key=self.settings.api_key(), base_url=self.settings.base_url or None,
                                    max_retries=0, timeout=self.settings.timeout)
 
@@ -159,8 +164,12 @@ class Adapter:
             return _info(self.client.messages.batches.cancel(batch_id))
 
     def live(self, line: dict[str, Any]) -> Result:
+        # Same JSON body as the batch line: the SDK's create() has no keyword for some request fields
+        # (temperature in 2.14), so everything beyond the required three travels as extra_body.
+        params = dict(line["params"])
+        required = {k: params.pop(k) for k in ("model", "max_tokens", "messages") if k in params}
         with translate("message"):
-            message = self.client.messages.create(**line["params"])
+            message = self.client.messages.create(**required, extra_body=params or None)
         return _parse_message(str(line["custom_id"]), message.model_dump(mode="json"))
 
 

@@ -6,9 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import openai
+if TYPE_CHECKING:  # the SDK takes ~1 s to import: only calls that reach the provider load it
+    import openai
 
 from hipbatch.errors import ProviderError, TransientError, UsageError
 from hipbatch.providers.base import ProviderSettings, retry_after_of
@@ -20,6 +21,8 @@ FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 @contextmanager
 def translate(what: str) -> Iterator[None]:
     """SDK exceptions -> hipbatch errors: transient ones can be retried, the rest are final."""
+    import openai
+
     try:
         yield
     except openai.APIConnectionError as e:  # includes timeouts
@@ -62,6 +65,8 @@ class Adapter:
 
     @cached_property
     def client(self) -> openai.OpenAI:
+        import openai
+
         # max_retries=0: hipbatch's own tenacity policy owns every retry, so a create is never repeated blindly.
         return openai.OpenAI(api_key=self.settings.api_key(), base_url=self.settings.base_url or None,
                              max_retries=0, timeout=self.settings.timeout)
