@@ -44,8 +44,28 @@ int main_{name}()
 }}
 """
 
-_WORDS = ("scale", "shift", "tile", "reduce", "scan", "stencil", "blend", "saxpy", "norm", "softmax", "gather",
-          "scatter", "histogram", "transpose", "convolve", "filter", "pack", "unpack", "prefix", "bitonic")
+_WORDS = (
+    "scale",
+    "shift",
+    "tile",
+    "reduce",
+    "scan",
+    "stencil",
+    "blend",
+    "saxpy",
+    "norm",
+    "softmax",
+    "gather",
+    "scatter",
+    "histogram",
+    "transpose",
+    "convolve",
+    "filter",
+    "pack",
+    "unpack",
+    "prefix",
+    "bitonic",
+)
 
 
 def _seeds() -> list[str]:
@@ -56,9 +76,11 @@ def hip_source(i: int, seeds: list[str]) -> str:
     """One unique, plausible HIP file of 2-20 KB, the same for the same i."""
     rng = random.Random(i)
     target = rng.randint(2048, 20480)
-    parts = [f"// generated kernel file {i}\n#include <hip/hip_runtime.h>\n#include <cstdio>\n"
-             "#define HIP_CHECK(x) do { hipError_t e = (x); if (e != hipSuccess) { "
-             "printf(\"%s\\n\", hipGetErrorString(e)); return 1; } } while (0)\n"]
+    parts = [
+        f"// generated kernel file {i}\n#include <hip/hip_runtime.h>\n#include <cstdio>\n"
+        "#define HIP_CHECK(x) do { hipError_t e = (x); if (e != hipSuccess) { "
+        'printf("%s\\n", hipGetErrorString(e)); return 1; } } while (0)\n'
+    ]
     size = len(parts[0])
     seed = seeds[i % len(seeds)]
     if size + len(seed) < target:
@@ -68,10 +90,16 @@ def hip_source(i: int, seeds: list[str]) -> str:
     while size < target:
         name = f"{rng.choice(_WORDS)}_{rng.choice(_WORDS)}_{i}_{j}"
         t = rng.choice(("float", "double", "int"))
-        fields = {"name": name, "t": t, "tile": rng.choice((64, 128, 256)), "k": rng.randint(1, 99),
-                  "shift": rng.randint(1, 31), "n": rng.choice((1 << 16, 1 << 20, 1000003)),
-                  "block": rng.choice((128, 256, 512)),
-                  "comment": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12)))}
+        fields = {
+            "name": name,
+            "t": t,
+            "tile": rng.choice((64, 128, 256)),
+            "k": rng.randint(1, 99),
+            "shift": rng.randint(1, 31),
+            "n": rng.choice((1 << 16, 1 << 20, 1000003)),
+            "block": rng.choice((128, 256, 512)),
+            "comment": " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 12))),
+        }
         text = (_KERNEL if j % 2 == 0 else _KERNEL + _HOST).format(**fields)
         parts.append(text[: target - size] if size + len(text) > target + 512 else text)
         size += len(parts[-1])

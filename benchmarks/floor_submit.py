@@ -16,16 +16,23 @@ import sys
 from pathlib import Path
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "templates" / "default"
-USER = ("Write the English task prompt for this HIP file.\n\nFile: {name}\n\n````hip\n{code}\n````\n\n"
-        "Answer only with the prompt inside <prompt>...</prompt>.")
+USER = (
+    "Write the English task prompt for this HIP file.\n\nFile: {name}\n\n````hip\n{code}\n````\n\n"
+    "Answer only with the prompt inside <prompt>...</prompt>."
+)
 
 
 def main(root: str, out_path: str, model: str = "gpt-4o-mini") -> None:
     system = (TEMPLATE / "system.j2").read_text(encoding="utf-8").replace("{{ language }}", "HIP")
     system = system.removesuffix("\n")
     dumps = json.encoder.encode_basestring  # type: ignore[attr-defined]
-    head = ('{"model":%s,"messages":[{"role":"system","content":%s},{"role":"user","content":'
-            % (dumps(model), dumps(system))).encode()
+    head = (
+        '{"model":'
+        + dumps(model)
+        + ',"messages":[{"role":"system","content":'
+        + dumps(system)
+        + '},{"role":"user","content":'
+    ).encode()
     tail = b'}],"max_completion_tokens":1024,"temperature":0.2}}\n'
     names = []
     for dirpath, _, files in os.walk(root):
@@ -38,8 +45,10 @@ def main(root: str, out_path: str, model: str = "gpt-4o-mini") -> None:
                 code = fh.read().decode("utf-8")
             user = dumps(USER.format(name=name, code=code.rstrip())).encode()
             cid = hashlib.sha256(user).hexdigest()[:48]
-            out.write(b'{"custom_id":"hb-' + cid.encode() + b'","method":"POST","url":"/v1/chat/completions",'
-                      b'"body":' + head + user + tail)
+            out.write(
+                b'{"custom_id":"hb-' + cid.encode() + b'","method":"POST","url":"/v1/chat/completions",'
+                b'"body":' + head + user + tail
+            )
 
 
 if __name__ == "__main__":

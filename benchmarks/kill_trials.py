@@ -89,20 +89,26 @@ class Runner:
         self.server, self.env, self.cwd, self.rng = server, env, cwd, rng
         self.kills: dict[str, int] = {}
         self.runs = 0
+        self.failed_runs: list[str] = []  # reruns that exited non-zero (neither killed nor done)
         self.log = cwd / "children.log"
 
     def run(self, args: list[str], trap_calls: int | None = None) -> tuple[int, str]:
         """(exit code, stdout); -9 when killed. With trap_calls, a kill is set up (see the module doc)."""
         self.runs += 1
         with self.log.open("ab") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "hipbatch", *args], stdout=subprocess.PIPE,
-                                    stderr=err, env=self.env, cwd=self.cwd)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hipbatch", *args],
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=self.env,
+                cwd=self.cwd,
+            )
         if trap_calls is not None:
             mode = self.rng.random()
             if mode < 0.45:
                 self.server.arm(proc.pid, at_call=self.rng.randint(1, trap_calls))
             elif mode < 0.9:
-                self.server.arm(proc.pid, after_first=self.rng.uniform(0.0, 0.8))
+                self.server.arm(proc.pid, after_first=self.rng.uniform(0.0, 0.5))
             else:
                 self.server.arm(proc.pid)
                 threading.Timer(self.rng.uniform(0.3, 3.0), self.server.kill, args=(proc.pid,)).start()
@@ -112,6 +118,9 @@ class Runner:
             self.server.disarm()
         if proc.returncode == -signal.SIGKILL:
             self.kills[args[0]] = self.kills.get(args[0], 0) + 1
+        elif proc.returncode != 0:
+            tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+            self.failed_runs.append(f"{args[0]} exit {proc.returncode}: {tail[0][:200]}")
         return proc.returncode, out.decode()
 
     def finish(self, args: list[str]) -> str:
@@ -123,34 +132,51 @@ class Runner:
         raise SystemExit(f"`hipbatch {' '.join(args)}` kept failing; see {self.log}")
 
 
-def trial(provider: str, files: int, per_batch: int, kills: int, fault_rate: float, seed: int) -> dict[str, Any]:
+def trial(
+    provider: str, files: int, per_batch: int, kills: int, fault_rate: float, seed: int
+) -> dict[str, Any]:
     """One provider's run: returns the figures of the table."""
     rng = random.Random(seed)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"hipbatch-kills-{provider}-") as tmp_name:
         tmp = Path(tmp_name)
-        config = EmulatorConfig(seed=seed, polls_to_complete=3, forms="tag", request_error_rate=0.02,
-                                fault_rate=fault_rate, fault_kinds=FAULT_KINDS)
+        config = EmulatorConfig(
+            seed=seed,
+            polls_to_complete=3,
+            forms="tag",
+            request_error_rate=0.02,
+            fault_rate=fault_rate,
+            fault_kinds=FAULT_KINDS,
+        )
         with TrapServer(port=0, config=config) as server:
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "HIPBATCH_"))}
-            env.update(HIPBATCH_STATE_DIR=str(tmp / "state"), ANTHROPIC_CONFIG_DIR=str(tmp),
-                       OPENAI_API_KEY="bench-key", OPENAI_BASE_URL=server.openai_base_url,
-                       ANTHROPIC_API_KEY="bench-key", ANTHROPIC_BASE_URL=server.anthropic_base_url)
+            ours = ("OPENAI_", "ANTHROPIC_", "HIPBATCH_")
+            env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+            env.update(
+                HIPBATCH_STATE_DIR=str(tmp / "state"),
+                ANTHROPIC_CONFIG_DIR=str(tmp),
+                OPENAI_API_KEY="bench-key",
+                OPENAI_BASE_URL=server.openai_base_url,
+                ANTHROPIC_API_KEY="bench-key",
+                ANTHROPIC_BASE_URL=server.anthropic_base_url,
+            )
             runner = Runner(server, env, tmp, rng)
             root = tmp / "kernels"
             root.mkdir()
-            shards = -(-files // per_batch)
+            # About three kills land per round: spread the files so the late rounds still have work.
+            step = -(-files // max(-(-kills // 3), 1))
+            shards = -(-step // per_batch)  # new shards per round: the range of the n-th-call trap
             collect = ["collect", "--wait", "--poll-interval", "0.05", "--json"]
             plan: list[tuple[list[str], int]] = [
-                (["submit", str(root), "--provider", provider, "--max-requests-per-batch", str(per_batch)],
-                 1 + 2 * shards),
+                (
+                    ["submit", str(root), "--provider", provider, "--max-requests-per-batch", str(per_batch)],
+                    1 + 2 * shards,
+                ),
                 (collect, 4 * shards),
                 (["retry", "--json"], 4),
             ]
             added = 0
             while sum(runner.kills.values()) < kills:
                 # Each round adds files, so every submit has new work to be killed in.
-                step = max(files // max(kills // 5, 1), 1) if added < files else 0
                 for i in range(added, min(added + step, files)):
                     (root / f"k{i:05d}.hip").write_text(KERNEL.format(i=i), encoding="utf-8")
                 added = min(added + step, files)
@@ -186,6 +212,7 @@ def trial(provider: str, files: int, per_batch: int, kills: int, fault_rate: flo
         "trials": sum(runner.kills.values()),
         "kills": dict(runner.kills),
         "runs": runner.runs,
+        "failed_runs": runner.failed_runs,
         "faults": sum(stats.faults.values()),
         "faults_by_kind": dict(stats.faults),
         "sent": sum(stats.sent.values()),
@@ -211,22 +238,48 @@ def main() -> None:
     providers = ["openai", "anthropic"] if args.provider == "both" else [args.provider]
     results = []
     for provider in providers:
-        print(f"{provider}: {args.files} requests, {args.kills} kills, {args.fault_rate:.0%} faults ...",
-              file=sys.stderr, flush=True)
+        print(
+            f"{provider}: {args.files} requests, {args.kills} kills, {args.fault_rate:.0%} faults ...",
+            file=sys.stderr,
+            flush=True,
+        )
         results.append(trial(provider, args.files, args.per_batch, args.kills, args.fault_rate, args.seed))
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    head = ("provider", "requests", "trials", "faults injected", "requests sent", "resent (failed)",
-            "duplicates", "lost", "seconds")
-    rows = [(r["provider"], r["requests"], r["trials"], r["faults"], r["sent"], r["resent_failed"],
-             r["duplicates"], r["lost"], r["seconds"]) for r in results]
+    head = (
+        "provider",
+        "requests",
+        "trials",
+        "faults injected",
+        "requests sent",
+        "resent (failed)",
+        "duplicates",
+        "lost",
+        "seconds",
+    )
+    rows = [
+        (
+            r["provider"],
+            r["requests"],
+            r["trials"],
+            r["faults"],
+            r["sent"],
+            r["resent_failed"],
+            r["duplicates"],
+            r["lost"],
+            r["seconds"],
+        )
+        for r in results
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     for line in (head, tuple("-" * w for w in widths), *rows):
         print(" | ".join(str(x).rjust(w) for x, w in zip(line, widths, strict=True)))
     for r in results:
-        print(f"{r['provider']}: kills by command {r['kills']}; faults {r['faults_by_kind']}; "
-              f"{r['batches']} batches created, {r['orphans']} unknown to the store; {r['runs']} processes")
+        print(
+            f"{r['provider']}: kills by command {r['kills']}; faults {r['faults_by_kind']}; "
+            f"{r['batches']} batches created, {r['orphans']} unknown to the store; {r['runs']} processes"
+        )
     if any(r["duplicates"] or r["lost"] or r["orphans"] for r in results):
         raise SystemExit(1)
 

@@ -42,9 +42,23 @@ def make_folder(root: Path, n: int) -> Path:
 
 def run_once(folder: Path, state: Path, workers: int, model: str = "gpt-4o-mini") -> dict[str, Any]:
     started = time.perf_counter()
-    result = CliRunner().invoke(app, ["--state-dir", str(state), "run", str(folder), "--max-workers",
-                                      str(workers), "--model", model, "--output-file",
-                                      str(state / "out.json"), "--json"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "--state-dir",
+            str(state),
+            "run",
+            str(folder),
+            "--max-workers",
+            str(workers),
+            "--model",
+            model,
+            "--output-file",
+            str(state / "out.json"),
+            "--json",
+        ],
+        catch_exceptions=False,
+    )
     total = time.perf_counter() - started
     if result.exit_code != 0:
         raise SystemExit(f"hipbatch run failed ({result.exit_code}): {result.stderr}")
@@ -58,15 +72,21 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100, help="files (= requests) per row")
     parser.add_argument("--latency", type=float, default=0.2, help="seconds the server takes per live call")
     parser.add_argument("--workers", default="1,10,50", help="comma-separated --max-workers values")
-    parser.add_argument("--rate-limited", type=float, default=0.0,
-                        help="also run the largest pool with this share of calls answered 429")
+    parser.add_argument(
+        "--rate-limited",
+        type=float,
+        default=0.0,
+        help="also run the largest pool with this share of calls answered 429",
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
     rows: list[dict[str, Any]] = []
     config = EmulatorConfig(live_latency_s=args.latency, forms="tag")
-    with tempfile.TemporaryDirectory(prefix="hipbatch-live-bench-") as tmp, \
-            LocalBatchServer(port=0, config=config) as server:
+    with (
+        tempfile.TemporaryDirectory(prefix="hipbatch-live-bench-") as tmp,
+        LocalBatchServer(port=0, config=config) as server,
+    ):
         root = Path(tmp)
         os.environ.update(OPENAI_BASE_URL=server.openai_base_url, OPENAI_API_KEY="bench-key-not-secret")
         os.chdir(root)  # no stray hipbatch.toml is read
@@ -82,27 +102,46 @@ def main() -> None:
             report = run_once(folder, root / f"state-{i}", w)
             assert report["succeeded"] == args.requests, report
             assert sum(server.stats.live_calls.values()) == args.requests  # each request answered once
-            rows.append({"workers": w, "rate_429": rate, "requests": args.requests,
-                         "wall_s": report["wall_s"], "per_second": report["per_second"],
-                         "calls": report["calls"], "rate_limited": report["rate_limited"],
-                         "paused_s": report["paused_s"], "command_s": report["command_s"]})
-            print(f"  {w} workers{f', {rate:.0%} 429s' if rate else ''}: {report['wall_s']:.2f}s",
-                  file=sys.stderr)
+            rows.append(
+                {
+                    "workers": w,
+                    "rate_429": rate,
+                    "requests": args.requests,
+                    "wall_s": report["wall_s"],
+                    "per_second": report["per_second"],
+                    "calls": report["calls"],
+                    "rate_limited": report["rate_limited"],
+                    "paused_s": report["paused_s"],
+                    "command_s": report["command_s"],
+                }
+            )
+            print(
+                f"  {w} workers{f', {rate:.0%} 429s' if rate else ''}: {report['wall_s']:.2f}s",
+                file=sys.stderr,
+            )
     base = rows[0]["wall_s"]
     for row in rows:
         row["speedup"] = round(base / row["wall_s"], 1) if row["wall_s"] else None
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{args.requests} requests, {args.latency * 1000:.0f} ms per live call "
-          "(local batch server, OpenAI SDK)\n")
+    print(
+        f"{args.requests} requests, {args.latency * 1000:.0f} ms per live call "
+        "(local batch server, OpenAI SDK)\n"
+    )
     print("| --max-workers | server | live phase | answers/s | speedup | HTTP calls | whole command |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for row in rows:
-        server_note = (f"{row['rate_429']:.0%} of calls 429 ({row['rate_limited']} seen, pool paused "
-                       f"{row['paused_s']:.1f}s)" if row["rate_429"] else "no errors")
-        print(f"| {row['workers']} | {server_note} | {row['wall_s']:.2f} s | {row['per_second']:.1f} | "
-              f"{row['speedup']}x | {row['calls']} | {row['command_s']:.2f} s |")
+        server_note = (
+            f"{row['rate_429']:.0%} of calls 429 ({row['rate_limited']} seen, pool paused "
+            f"{row['paused_s']:.1f}s)"
+            if row["rate_429"]
+            else "no errors"
+        )
+        print(
+            f"| {row['workers']} | {server_note} | {row['wall_s']:.2f} s | {row['per_second']:.1f} | "
+            f"{row['speedup']}x | {row['calls']} | {row['command_s']:.2f} s |"
+        )
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def do_submit(settings: Settings, input_dir: Path, provider: str, model: str | N
             return out
         cost.settle(store, prices)  # record each new request's worst-case cost before it is sent
         window = _window(config, provider, max_in_flight_batches, max_enqueued_tokens)
-        fed = feed(store, Adapters(config), window, force=force)
+        fed = feed(store, Adapters(config), window, force=force, progress=_progress(quiet))
     out["feed"] = asdict(fed)
     if not quiet:
         _print_feed(fed, prep)
@@ -459,7 +459,7 @@ def do_collect(settings: Settings, output_file: Path, fmt: str, job: str | None,
                 refreshed = c.refresh(store, adapters, windows)
                 collected = c.collect_batches(store, adapters, _progress(quiet))
                 cost.settle(store, prices)  # cost of the answers just read, from their tokens
-                fed = feed(store, adapters, windows)
+                fed = feed(store, adapters, windows, progress=_progress(quiet))
                 unfinished = store.batches(unfinished_only=True)
                 queued = store.shards_in_states(["queued"])
             idle = idle + 1 if stalled(len(unfinished), len(queued), len(fed.created), len(fed.adopted)) else 0

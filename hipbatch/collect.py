@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,6 @@ from hipbatch.progress import NullProgress, Progress
 from hipbatch.providers import Provider
 from hipbatch.providers.base import iter_jsonl
 from hipbatch.records import BatchInfo, Outcome, RequestState, Result
-from hipbatch.render import load_template
 from hipbatch.store import Store
 from hipbatch.submit import Adapters, Window, pick_window
 
@@ -81,6 +81,8 @@ class _Extractors:
         if job not in self._cache:
             row = self.store.job(job) or {}
             try:
+                from hipbatch.render import load_template
+
                 self._cache[job] = load_template(Path(row["template_dir"])).extract
             except (HipbatchError, KeyError, TypeError):
                 self._cache[job] = ExtractSettings()
@@ -123,14 +125,17 @@ def collect_batches(store: Store, adapters: Adapters, progress: Progress | None 
             provider = adapters.get(batch["provider"])
             # dest only ever appears whole (checked, then renamed): a collect killed after the download
             # reads it again instead of fetching it again.
-            if (info.output_file_id or info.error_file_id or batch["counts_final_only"]) and not dest.exists():
+            remote = info.output_file_id or info.error_file_id or batch["counts_final_only"]
+            if remote and not dest.exists():
                 provider.check_key()
                 report.refetches += _download_checked(provider, info, dest, sleep)
         except HipbatchError as e:
             # Left uncollected, its requests still `submitted`: the next collect fetches it again.
             report.errors.append(f"{batch['id']}: results not read, batch left uncollected: {e}")
             continue
-        with progress.task(f"collect {batch['id']}", info.total) as bar:
+        # One transaction per batch: a batch is read in whole or not at all (a killed collect reads it again),
+        # and SQLite writes each touched page once instead of once per chunk: results come in any order.
+        with store.atomic(), progress.task(f"collect {batch['id']}", info.total) as bar:
             rows: list[dict[str, Any]] = []
             if dest.exists():
                 for line in iter_jsonl(dest):
@@ -143,9 +148,9 @@ def collect_batches(store: Store, adapters: Adapters, progress: Progress | None 
                         rows = []
             store.save_results(rows, from_batch=batch["id"])
             bar.advance(len(rows))
-        leftover_state, message = _leftover(info)
-        store.mark_unanswered(batch["id"], leftover_state, message)
-        store.mark_collected(batch["id"])
+            leftover_state, message = _leftover(info)
+            store.mark_unanswered(batch["id"], leftover_state, message)
+            store.mark_collected(batch["id"])
         report.batches.append(batch["id"])
     return report
 
@@ -227,7 +232,7 @@ def write_dataset(store: Store, output: Path, fmt: str = "json", job: str | None
             if fmt == "json":
                 fh.write("[")
             for record in _records(store, job):
-                text = json.dumps(record, ensure_ascii=False)
+                text = record_json(record)
                 if fmt == "json":
                     fh.write(("\n  " if n == 0 else ",\n  ") + text)
                 else:
@@ -241,6 +246,15 @@ def write_dataset(store: Store, output: Path, fmt: str = "json", job: str | None
     finally:
         part.unlink(missing_ok=True)
     return n
+
+
+def record_json(record: dict[str, Any]) -> str:
+    """json.dumps(record, ensure_ascii=False), with strings escaped directly (the dataset's hot loop)."""
+    parts = []
+    for key, value in record.items():
+        text = encode_basestring(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        parts.append(f"{encode_basestring(key)}: {text}")
+    return "{" + ", ".join(parts) + "}"
 
 
 def _records(store: Store, job: str | None) -> Iterator[dict[str, Any]]:

@@ -37,6 +37,9 @@ class MissingKey(UsageError):
 class ProviderError(HipbatchError):
     """A provider call failed for good."""
 
+    status_code: int | None = None  # the HTTP status, when the provider answered
+    retry_after: float | None = None  # seconds the provider asked us to wait, when it said
+
 
 class TransientError(ProviderError):
     """A provider call failed in a way worth retrying."""

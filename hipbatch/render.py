@@ -105,6 +105,12 @@ def _static_render(env: jinja2.Environment, template: jinja2.Template) -> str | 
 
 def _render(template: jinja2.Template, variables: dict[str, Any]) -> str:
     try:
+        # What Template.render does, with one dict instead of two copies per call (half its cost per file).
+        context = template.new_context({**template.globals, **variables}, shared=True)
+        return template.environment.concat(template.root_render_func(context))  # type: ignore[attr-defined]
+    except Exception:
+        pass  # render again the usual way, so the error points at the template's own line
+    try:
         return template.render(variables)
     except jinja2.UndefinedError as e:
         line = _template_line(e)
@@ -181,16 +187,17 @@ class SkipFile(Exception):
     """A source file that cannot be used; the message is the reason recorded."""
 
 
-def read_source(path: Path) -> str:
+def read_source(path: Path | str) -> str:
     """Read one source file as UTF-8 text, or raise SkipFile with the reason."""
     try:
-        size = path.stat().st_size
-        if size > MAX_SOURCE_BYTES:
-            raise SkipFile(f"too large ({size} bytes > {MAX_SOURCE_BYTES})")
-        data = path.read_bytes()
+        with open(path, "rb") as fh:  # one open, then fstat: no second path walk
+            size = os.fstat(fh.fileno()).st_size
+            if size > MAX_SOURCE_BYTES:
+                raise SkipFile(f"too large ({size} bytes > {MAX_SOURCE_BYTES})")
+            data = fh.read()
     except OSError as e:
         raise SkipFile(f"unreadable: {e.strerror}") from None
-    if not data.strip():
+    if not data or data.isspace():
         raise SkipFile("empty")
     if b"\x00" in data:
         raise SkipFile("binary (contains NUL bytes)")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hipbatch.config import Config, resolve
 from hipbatch.errors import AmbiguousSubmit, HipbatchError, ProviderError, TransientError, UsageError
@@ -21,8 +22,10 @@ from hipbatch.poll import retrying
 from hipbatch.progress import NullProgress, Progress
 from hipbatch.providers import Provider, ProviderSettings, get_provider
 from hipbatch.records import BatchInfo, ShardState
-from hipbatch.render import SkipFile, Template, estimate_tokens, iter_discover, read_source
 from hipbatch.store import Store
+
+if TYPE_CHECKING:  # jinja2 loads only for commands that render (status and collect do not)
+    from hipbatch.render import Template
 
 RENDER_CHUNK = 500  # files rendered between two store look-ups (their lines are held meanwhile)
 DEFAULT_MAX_IN_FLIGHT = 100  # batches per provider at once: the practical limit of both services
@@ -85,6 +88,7 @@ def prepare(store: Store, template: Template, provider: Provider, model: str, pa
     Streams end to end: one folder listing, one file and one chunk of requests are in memory at a time.
     """
     from hipbatch.pack import LineEncoder
+    from hipbatch.render import SkipFile, estimate_tokens, iter_discover, read_source
 
     progress = progress or NullProgress()
     found = iter_discover(input_dir, pattern)
@@ -108,13 +112,14 @@ def prepare(store: Store, template: Template, provider: Provider, model: str, pa
                          template_dir=str(template.path.resolve()))
     encoder = LineEncoder(provider, model, params)
     stamp = time.time()  # every file row of this run carries it, so rows of vanished files can be swept
+    base = str(input_dir)
     file_rows: list[dict[str, Any]] = []
     chunk: list[tuple[str, str, bytes, int]] = []
     with progress.task(f"render {job}", total) as bar:
         for name in names:
             report.files += 1
             try:
-                code = read_source(input_dir / name)
+                code = read_source(os.path.join(base, name))
             except SkipFile as e:
                 report.skipped.append((name, str(e)))
                 file_rows.append({"job": job, "file_name": name, "custom_id": None, "skip_reason": str(e)})
@@ -252,7 +257,7 @@ def pick_window(window: Window | Mapping[str, Window] | None, provider: str) -> 
 
 def feed(store: Store, adapters: Adapters, window: Window | Mapping[str, Window] | None = None,
          force: bool = False, resume_only: bool = False,
-         sleep: Callable[[float], None] = time.sleep) -> FeedReport:
+         sleep: Callable[[float], None] = time.sleep, progress: Progress | None = None) -> FeedReport:
     """Finish interrupted submits, then (unless resume_only) send queued shards while the window allows.
 
     A shard that cannot be sent (ambiguous, or a provider error after retries) is reported and left as it
@@ -264,14 +269,17 @@ def feed(store: Store, adapters: Adapters, window: Window | Mapping[str, Window]
     resumable = (ShardState.UPLOADING, ShardState.UPLOADED, ShardState.CREATING, ShardState.AMBIGUOUS)
     for shard in store.shards_in_states(resumable):
         _send_reported(store, adapters, shard, report, force, sleep, down)
-    for queued in [] if resume_only else store.shards_in_states([ShardState.QUEUED]):
-        shard = without_answered(store, queued)  # requests answered live since packing are never sent
-        if shard is None or shard["provider"] in down:
-            continue
-        if not pick_window(window, shard["provider"]).allows(store, shard):
-            report.queued += 1
-            continue
-        _send_reported(store, adapters, shard, report, force, sleep, down)
+    queue = [] if resume_only else store.shards_in_states([ShardState.QUEUED])
+    with (progress or NullProgress()).task("send shards", len(queue) or None) as bar:
+        for queued in queue:
+            bar.advance()
+            shard = without_answered(store, queued)  # requests answered live since packing are never sent
+            if shard is None or shard["provider"] in down:
+                continue
+            if not pick_window(window, shard["provider"]).allows(store, shard):
+                report.queued += 1
+                continue
+            _send_reported(store, adapters, shard, report, force, sleep, down)
     return report
 
 
@@ -280,6 +288,8 @@ def without_answered(store: Store, shard: dict[str, Any]) -> dict[str, Any] | No
     still-pending lines copied into a new queued shard that the pending requests move to, or None when none is
     left. The old shard becomes `answered` and its file stays whole (retry copies lines from it). The new file
     is written before anything is recorded, so a crash leaves at worst an unused file."""
+    if store.shard_ids_with_pending(shard["id"]) == shard["n_requests"]:
+        return shard  # the usual case, answered by a count: no ids loaded for every queued shard at every poll
     pending = store.pending_in_shard(shard["id"])
     if len(pending) == shard["n_requests"]:
         return shard

@@ -356,6 +356,9 @@ class Trials:
         if code == -signal.SIGKILL:
             self.kills += 1
             self.by_command[args[0]] = self.by_command.get(args[0], 0) + 1
+            dataset = Path("data/generated_prompts.json")
+            if dataset.exists():  # the old or the new version, complete either way
+                assert isinstance(json.loads(dataset.read_text(encoding="utf-8")), list)
             return True
         assert code == 0, self.log.read_text()[-3000:]
         return False
@@ -401,6 +404,7 @@ def test_sigkill_at_random_moments(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert not store.shards_in_states(["queued", "uploading", "uploaded", "creating", "ambiguous"])
     assert all(b["collected"] for b in store.batches())
     store.close()
+    assert not list(Path("data").glob(".*.part"))  # partial files of killed runs are cleaned up
 
 
 @pytest.mark.slow

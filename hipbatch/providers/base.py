@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from hipbatch.errors import MissingKey
+from hipbatch.errors import MissingKey, ProviderError, TransientError
 from hipbatch.records import BatchInfo, Result
 
 
@@ -66,6 +66,24 @@ class Provider(Protocol):
     def cancel(self, batch_id: str) -> BatchInfo: ...
 
     def live(self, line: dict[str, Any]) -> Result: ...  # send one request line now (live mode)
+
+
+def status_error(what: str, e: Any) -> ProviderError:
+    """An SDK's APIStatusError (both SDKs share its shape) -> TransientError or ProviderError."""
+    body = e.body
+    inner = body.get("error", body) if isinstance(body, dict) else None
+    message = str(inner["message"]) if isinstance(inner, dict) and inner.get("message") else str(e.message)
+    status = int(e.status_code)
+    err: ProviderError
+    if status in (408, 409, 429) or status >= 500:
+        err = TransientError(f"{what}: HTTP {status}: {message}")
+        err.retry_after = retry_after_of(e.response.headers)
+    elif status == 401:
+        err = ProviderError(f"{what}: the provider rejected the API key (HTTP 401): {message}")
+    else:
+        err = ProviderError(f"{what}: HTTP {status}: {message}")
+    err.status_code = status
+    return err
 
 
 def retry_after_of(headers: Any) -> float | None:

@@ -12,7 +12,7 @@ if TYPE_CHECKING:  # the SDK takes ~1 s to import: only calls that reach the pro
     import openai
 
 from hipbatch.errors import ProviderError, TransientError, UsageError
-from hipbatch.providers.base import ProviderSettings, retry_after_of
+from hipbatch.providers.base import ProviderSettings, status_error
 from hipbatch.records import BatchInfo, Outcome, Result
 
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -28,27 +28,9 @@ def translate(what: str) -> Iterator[None]:
     except openai.APIConnectionError as e:  # includes timeouts
         raise TransientError(f"{what}: {type(e).__name__}: {e}") from e
     except openai.APIStatusError as e:
-        message = _error_message(e)
-        if e.status_code in (408, 409, 429) or e.status_code >= 500:
-            err = TransientError(f"{what}: HTTP {e.status_code}: {message}")
-            err.retry_after = retry_after_of(e.response.headers)  # type: ignore[attr-defined]
-            raise err from e
-        if e.status_code == 401:
-            raise ProviderError(f"{what}: the provider rejected the API key (HTTP 401): {message}") from e
-        err2 = ProviderError(f"{what}: HTTP {e.status_code}: {message}")
-        err2.status_code = e.status_code  # type: ignore[attr-defined]
-        raise err2 from e
+        raise status_error(what, e) from e
     except openai.OpenAIError as e:
         raise ProviderError(f"{what}: {e}") from e
-
-
-def _error_message(e: openai.APIStatusError) -> str:
-    body = e.body
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
-    return str(e.message)
 
 
 class Adapter:

@@ -1,0 +1,513 @@
+"""hipbatch's own cost against the least any tool must do, on generated data. One command:
+
+    python benchmarks/run.py [--quick] [--only NAME ...] [--readme]
+
+Prints a markdown table (and --json FILE writes the numbers). Every measured command runs in its own child
+process (imports included); time is wall-clock seconds, best of --repeat runs; peak RSS is the child's
+ru_maxrss from wait4(). Inputs are generated under $HIPBATCH_BENCH_DIR (default /tmp/hipbatch-bench) and kept
+for the next run (about 1.3 GB for the full sizes). The local batch server runs in this process, on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from corpus import CACHE, corpus_bytes, hip_corpus  # noqa: E402
+
+REPO = HERE.parent
+PY = sys.executable
+SIZES = {
+    "full": {
+        "dry": [10_000, 100_000],
+        "collect": 100_000,
+        "resubmit": 100_000,
+        "status": 1_000_000,
+        "cycle": 10_000,
+        "drain": 20_000,
+    },
+    "quick": {
+        "dry": [1_000, 10_000],
+        "collect": 10_000,
+        "resubmit": 10_000,
+        "status": 100_000,
+        "cycle": 2_000,
+        "drain": 2_000,
+    },
+}
+NAMES = ("dry-run", "collect", "resubmit", "status", "cycle", "drain")
+
+
+@dataclass
+class Measure:
+    seconds: float
+    rss_mb: float
+    code: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class Row:
+    name: str
+    size: str
+    seconds: float
+    rss_mb: float | None = None
+    floor: float | None = None  # seconds of the reference it is compared with
+    floor_label: str = ""
+    floor_rss_mb: float | None = None
+    target: str = ""
+    ok: bool | None = None
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float | None:
+        return self.seconds / self.floor if self.floor else None
+
+
+# Linux starts a forked child's peak RSS at its parent's current RSS, and this process holds the local batch
+# server's data: every command is therefore forked from a tiny launcher, which reports the wall time and the
+# peak RSS of its own child (wait4).
+LAUNCHER = """import json, os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as fh:
+    json.dump([time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status)], fh)
+"""
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 3600) -> Measure:
+    """Run one command in a child process; its wall time and its own peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "measure.json"
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        with out.open("wb") as fo, err.open("wb") as fe:
+            subprocess.run(
+                [PY, "-S", "-c", LAUNCHER, str(result), *cmd],
+                cwd=cwd,
+                env=env or child_env(),
+                stdout=fo,
+                stderr=fe,
+                stdin=subprocess.DEVNULL,
+                timeout=timeout,
+                check=True,
+            )
+        seconds, rss_kb, code = json.loads(result.read_text())
+        m = Measure(
+            seconds, rss_kb / 1024, code, out.read_text(errors="replace"), err.read_text(errors="replace")
+        )
+    if m.code != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {m.code}\n{m.stderr[-3000:]}")
+    return m
+
+
+def best(n: int, fn: Callable[[], Measure]) -> Measure:
+    """The fastest of n runs (the machine is shared), with the largest peak RSS seen."""
+    runs = [fn() for _ in range(n)]
+    fastest = min(runs, key=lambda m: m.seconds)
+    fastest.rss_mb = max(m.rss_mb for m in runs)
+    return fastest
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "ANTHROPIC_", "HIPBATCH_"))}
+    env.update(extra)
+    return env
+
+
+def hipbatch(state: Path, *args: str) -> list[str]:
+    return [PY, "-m", "hipbatch", "--state-dir", str(state), *args]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- the benchmarks -----------------------------------------------------------------------------------
+
+
+def bench_dry_run(n: int, work: Path, repeat: int) -> Row:
+    corpus = hip_corpus(n)
+    state = work / f"dry-{n}"
+    floor_out = work / f"floor-{n}.jsonl"
+    log(f"dry-run {n}: hipbatch")
+    m = best(repeat, lambda: run(hipbatch(state, "submit", str(corpus), "--dry-run", "--json"), work))
+    log(f"dry-run {n}: floor")
+    f = best(repeat, lambda: run([PY, str(HERE / "floor_submit.py"), str(corpus), str(floor_out)], work))
+    same = _same_lines(sorted((state / "dry-run").rglob("*.jsonl")), floor_out) if n <= 20_000 else None
+    floor_out.unlink(missing_ok=True)
+    ratio = m.seconds / f.seconds
+    mb = corpus_bytes(corpus) / 1e6 if n <= 20_000 else n * 0.0114  # ~11.4 KB a file
+    row = Row(
+        "submit --dry-run",
+        f"{n:,} files ({mb:,.0f} MB)",
+        m.seconds,
+        m.rss_mb,
+        f.seconds,
+        "read+format+write",
+        f.rss_mb,
+        "<= 1.5x floor, < 150 MB",
+        ratio <= 1.5 and m.rss_mb < 150,
+    )
+    if same is not None:
+        row.note = "lines identical to the floor's" if same else "LINES DIFFER from the floor's"
+    return row
+
+
+def _same_lines(shards: list[Path], floor: Path) -> bool:
+    """hipbatch's shards and the floor's file hold the same request lines (custom_id recipes differ)."""
+
+    def strip(line: bytes) -> bytes:
+        return re.sub(rb'^\{"custom_id":"[^"]*"', b"", line)
+
+    ours = [strip(line) for s in shards for line in s.open("rb")]
+    theirs = [strip(line) for line in floor.open("rb")]
+    return ours == theirs
+
+
+def bench_collect(n: int, work: Path, repeat: int) -> Row:
+    from fixtures import collect_state
+
+    log(f"collect {n}: building the state (cached)")
+    pristine = collect_state(n)
+    results = sorted((pristine / "results").glob("*.jsonl"))
+
+    def once() -> Measure:
+        state = work / f"collect-{n}"
+        shutil.rmtree(state, ignore_errors=True)
+        shutil.copytree(pristine, state)
+        m = run(hipbatch(state, "collect", "--json", "--output-file", str(work / "collect.json")), work)
+        summary = json.loads(m.stdout)
+        if summary["records"] != n:
+            raise RuntimeError(f"collect wrote {summary['records']} records, expected {n}")
+        return m
+
+    log(f"collect {n}: hipbatch")
+    m = best(repeat, once)
+    log(f"collect {n}: floor")
+    f = best(
+        repeat,
+        lambda: run([PY, str(HERE / "floor_collect.py"), str(work / "floor.json"), *map(str, results)], work),
+    )
+    ratio = m.seconds / f.seconds
+    return Row(
+        "collect (results downloaded)",
+        f"{n:,} result lines",
+        m.seconds,
+        m.rss_mb,
+        f.seconds,
+        "parse+tag+write",
+        f.rss_mb,
+        "<= 2x floor",
+        ratio <= 2.0,
+    )
+
+
+def bench_resubmit(n: int, work: Path, repeat: int, dry: Row | None) -> list[Row]:
+    from hipbatch.emulator import EmulatorConfig, LocalBatchServer
+
+    corpus = hip_corpus(n)
+    state = work / f"resubmit-{n}"
+    shutil.rmtree(state, ignore_errors=True)
+    rows = []
+    # Batches never finish here: only the first submit talks to the server beyond a model check.
+    with LocalBatchServer(port=0, config=EmulatorConfig(polls_to_complete=10**9)) as server:
+        env = child_env(OPENAI_BASE_URL=server.openai_base_url, OPENAI_API_KEY="bench-key")
+        log(f"resubmit {n}: first submit (to the local batch server)")
+        first = run(hipbatch(state, "submit", str(corpus), "--json"), work, env)
+        sent = sum(server.stats.sent.values())
+        rows.append(
+            Row(
+                "submit (first, sent to local server)",
+                f"{n:,} files",
+                first.seconds,
+                first.rss_mb,
+                note=f"{server.stats.files_uploaded} uploads, {sent:,} requests sent",
+            )
+        )
+        log(f"resubmit {n}: unchanged folder")
+        m = best(repeat, lambda: run(hipbatch(state, "submit", str(corpus), "--json"), work, env))
+        report = json.loads(m.stdout)
+        assert report["prepare"]["new"] == 0 and sum(server.stats.sent.values()) == sent, (
+            "re-submit sent requests"
+        )
+    if dry is None:
+        dry = bench_dry_run(n, work, repeat)
+    ratio = m.seconds / dry.seconds
+    rows.append(
+        Row(
+            "re-submit, unchanged folder",
+            f"{n:,} files",
+            m.seconds,
+            m.rss_mb,
+            dry.seconds,
+            "submit --dry-run",
+            dry.rss_mb,
+            "<= 1.2x dry-run",
+            ratio <= 1.2,
+            "nothing sent",
+        )
+    )
+    return rows
+
+
+def bench_status(n: int, work: Path, repeat: int) -> list[Row]:
+    from fixtures import status_state
+
+    log(f"status {n}: building the state (cached; slow the first time)")
+    state = status_state(n)
+    rows = []
+    for args, label in (((), "status"), (("--json",), "status --json")):
+        log(f"{label} {n}")
+        m = best(repeat, lambda args=args: run(hipbatch(state, "status", *args), work))
+        rows.append(Row(label, f"{n:,} requests", m.seconds, m.rss_mb, target="< 1 s", ok=m.seconds < 1.0))
+    return rows
+
+
+def bench_cycle(n: int, work: Path) -> list[Row]:
+    from hipbatch.emulator import EmulatorConfig, LocalBatchServer
+
+    corpus = hip_corpus(n)
+    state = work / f"cycle-{n}"
+    shutil.rmtree(state, ignore_errors=True)
+    out = work / "cycle.json"
+    with LocalBatchServer(port=0, config=EmulatorConfig(polls_to_complete=1, forms="tag")) as server:
+        env = child_env(OPENAI_BASE_URL=server.openai_base_url, OPENAI_API_KEY="bench-key")
+        log(f"cycle {n}: submit")
+        s = run(hipbatch(state, "submit", str(corpus), "--json"), work, env)
+        log(f"cycle {n}: collect --wait")
+        c = run(
+            hipbatch(
+                state, "collect", "--wait", "--poll-interval", "0.2", "--json", "--output-file", str(out)
+            ),
+            work,
+            env,
+        )
+        summary = json.loads(c.stdout)
+        sent = server.stats.sent
+    ok = summary["records"] == n and len(sent) == n and set(sent.values()) == {1}
+    total = s.seconds + c.seconds
+    return [
+        Row("cycle: submit (to local server)", f"{n:,} files", s.seconds, s.rss_mb),
+        Row("cycle: collect --wait", f"{n:,} requests", c.seconds, c.rss_mb),
+        Row(
+            "cycle: submit -> collect",
+            f"{n:,} requests",
+            total,
+            max(s.rss_mb, c.rss_mb),
+            target="all answered, each sent once",
+            ok=ok,
+            note=f"{summary['records']:,} records, {sum(sent.values()):,} sent",
+        ),
+    ]
+
+
+def bench_drain(n: int, work: Path) -> list[Row]:
+    """The done-when check: a job much larger than the enqueued-token quota, drained to the end."""
+    from fixtures import small_corpus
+
+    from hipbatch.emulator import EmulatorConfig, LocalBatchServer
+    from hipbatch.store import Store
+
+    corpus = small_corpus(n)
+    rows = []
+    per_shard = max(n // 40, 10)
+    # The local server counts ~850 tokens a request (hipbatch estimates ~1,020): the quota holds 3 shards.
+    quota = per_shard * 850 * 3
+    for label, window in (
+        ("drain, quota found by refusals", []),
+        ("drain, --max-enqueued-tokens", ["--max-enqueued-tokens", str(quota)]),
+    ):
+        state = work / f"drain-{n}-{len(window)}"
+        shutil.rmtree(state, ignore_errors=True)
+        out = work / "drain.json"
+        cfg = EmulatorConfig(polls_to_complete=2, forms="tag", enqueued_token_limit=quota)
+        with LocalBatchServer(port=0, config=cfg) as server:
+            env = child_env(OPENAI_BASE_URL=server.openai_base_url, OPENAI_API_KEY="bench-key")
+            log(f"{label} {n}: submit")
+            s = run(
+                hipbatch(
+                    state,
+                    "submit",
+                    str(corpus),
+                    "--max-requests-per-batch",
+                    str(per_shard),
+                    "--json",
+                    *window,
+                ),
+                work,
+                env,
+            )
+            log(f"{label} {n}: drain")
+            d = run(
+                hipbatch(
+                    state,
+                    "drain",
+                    "--poll-interval",
+                    "0.05",
+                    "--timeout",
+                    "1800",
+                    "--json",
+                    "--output-file",
+                    str(out),
+                    *window,
+                ),
+                work,
+                env,
+            )
+            summary = json.loads(d.stdout)
+            sent = dict(server.stats.sent)
+            created = server.stats.batches_created
+        store = Store(state)
+        refused = sum(int(r["requeues"] or 0) for r in store.table("shards").rows)
+        attempts = {r[0] for r in store.db.execute("SELECT DISTINCT attempts FROM requests")}
+        store.close()
+        records = json.loads(out.read_text())
+        lost = n - len({r["custom_id"] for r in records})
+        twice = sum(1 for v in sent.values() if v > 1)
+        ok = lost == 0 and twice == 0 and len(sent) == n and attempts == {1}
+        rows.append(
+            Row(
+                label,
+                f"{n:,} requests, quota {quota:,} tokens",
+                s.seconds + d.seconds,
+                max(s.rss_mb, d.rss_mb),
+                target="nothing lost or sent twice",
+                ok=ok,
+                note=f"{created} batches created, {refused} refused and requeued; lost {lost}, "
+                f"sent twice {twice}, attempts {sorted(attempts)}",
+                extra={"records": summary["records"], "created": created, "refused": refused},
+            )
+        )
+    return rows
+
+
+# ---- report -------------------------------------------------------------------------------------------
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| benchmark | size | hipbatch s | reference s | ratio | peak RSS MB (reference) | target | met |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        ref = f"{r.floor:.2f} ({r.floor_label})" if r.floor else ""
+        ratio = f"{r.ratio:.2f}x" if r.ratio else ""
+        rss = f"{r.rss_mb:.0f}" if r.rss_mb is not None else ""
+        if r.floor_rss_mb is not None:
+            rss += f" ({r.floor_rss_mb:.0f})"
+        met = "" if r.ok is None else ("yes" if r.ok else "**no**")
+        name = r.name + (f" ({r.note})" if r.note else "")
+        lines.append(
+            f"| {name} | {r.size} | {r.seconds:.2f} | {ref} | {ratio} | {rss} | {r.target} | {met} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), Python {sys.version.split()[0]}, {time.strftime('%Y-%m-%d')}"
+
+
+def write_readme(text: str) -> None:
+    readme = REPO / "README.md"
+    body = readme.read_text(encoding="utf-8") if readme.exists() else ""
+    start = body.find("## Benchmarks")
+    if start == -1:
+        body = body.rstrip("\n") + "\n\n## Benchmarks\n\n" + text + "\n"
+    else:
+        nxt = body.find("\n## ", start + 1)
+        body = body[:start] + "## Benchmarks\n\n" + text + "\n" + (body[nxt:] if nxt != -1 else "")
+    readme.write_text(body, encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
+    parser.add_argument("--only", action="append", choices=NAMES, help="run only these benchmarks")
+    parser.add_argument("--repeat", type=int, default=None, help="runs per measurement (best is kept)")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    parser.add_argument(
+        "--readme", action="store_true", help="put the table under '## Benchmarks' in README.md"
+    )
+    args = parser.parse_args()
+    sizes = SIZES["quick" if args.quick else "full"]
+    only = set(args.only or NAMES)
+    repeat = args.repeat or (3 if args.quick else 2)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(CACHE).free / 1e9
+    if not args.quick and free < 5:
+        sys.exit(
+            f"Error: only {free:.1f} GB free under {CACHE}; the full run needs about 5 GB (or use --quick)"
+        )
+    rows: list[Row] = []
+    dry: dict[int, Row] = {}
+    with tempfile.TemporaryDirectory(prefix="hipbatch-bench-") as tmp:
+        work = Path(tmp)
+        if "dry-run" in only:
+            for n in sizes["dry"]:
+                dry[n] = bench_dry_run(n, work, repeat)
+                rows.append(dry[n])
+            small, large = (dry[n] for n in sizes["dry"])
+            assert small.rss_mb is not None and large.rss_mb is not None
+            rows.append(
+                Row(
+                    "peak RSS growth, dry-run",
+                    f"{sizes['dry'][0]:,} -> {sizes['dry'][1]:,} files",
+                    0.0,
+                    large.rss_mb - small.rss_mb,
+                    target="nearly flat (< 20 MB)",
+                    ok=large.rss_mb - small.rss_mb < 20,
+                    note="MB, not seconds",
+                )
+            )
+        if "resubmit" in only:
+            rows += bench_resubmit(sizes["resubmit"], work, repeat, dry.get(sizes["resubmit"]))
+        if "collect" in only:
+            rows.append(bench_collect(sizes["collect"], work, repeat))
+        if "status" in only:
+            rows += bench_status(sizes["status"], work, repeat)
+        if "cycle" in only:
+            rows += bench_cycle(sizes["cycle"], work)
+        if "drain" in only:
+            rows += bench_drain(sizes["drain"], work)
+    text = (
+        f"`python benchmarks/run.py{' --quick' if args.quick else ''}` on {machine()}; best of {repeat} "
+        "runs, each command in its own process (imports included).\n\n" + table(rows)
+    )
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) | {"ratio": r.ratio} for r in rows], indent=2))
+    if args.readme:
+        write_readme(text)
+
+
+if __name__ == "__main__":
+    main()
