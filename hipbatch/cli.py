@@ -620,7 +620,8 @@ class RetryReason(StrEnum):
 def retry(
     ctx: typer.Context,
     only: Annotated[list[RetryReason] | None, typer.Option(
-        "--only", help="Only requests in this state; repeat for several (default: all of them).")] = None,
+        "--only", metavar="REASON", help="Only requests in this state: failed, expired, canceled, "
+        "extraction_failed, truncated or missing; repeat for several (default: all of them).")] = None,
     max_attempts: Annotated[int | None, typer.Option(min=1, help="Skip requests already sent this many "
                                                      "times.")] = None,
     job: Annotated[str | None, typer.Option(help="Only this job's requests.")] = None,
@@ -671,9 +672,9 @@ def retry(
 @reports_errors
 def cancel(
     ctx: typer.Context,
-    batch_ids: Annotated[list[str] | None, typer.Argument(help="Batches to cancel (default: every unfinished "
-                                                         "batch, and the local queue).", show_default=False)
-                         ] = None,
+    batch_ids: Annotated[list[str] | None, typer.Argument(metavar="BATCH_ID", help="Batches to cancel "
+                                                         "(default: every unfinished batch, and the local "
+                                                         "queue).", show_default=False)] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (for scripts).")
                    ] = False,
     job: Annotated[str | None, typer.Option(help="Only this job's batches.")] = None,

@@ -125,21 +125,39 @@ class Store:
         return list(self.table("jobs").rows_where(order_by="name"))
 
     def record_files(self, rows: Iterable[dict[str, Any]], now: float | None = None) -> None:
-        """Upsert (job, file_name) -> custom_id / skip_reason rows, stamped with `now`, in one transaction."""
+        """Upsert (job, file_name) -> custom_id / skip_reason rows in one transaction.
+
+        A row that is already there unchanged is not written again (a re-submit of an unchanged folder).
+        """
         now = time.time() if now is None else now
         with self.db.atomic():
             self.db.conn.executemany(
                 "INSERT INTO files (job, file_name, custom_id, skip_reason, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (job, file_name) DO UPDATE SET custom_id = excluded.custom_id, "
-                "skip_reason = excluded.skip_reason, updated_at = excluded.updated_at",
+                "skip_reason = excluded.skip_reason, updated_at = excluded.updated_at "
+                "WHERE files.custom_id IS NOT excluded.custom_id OR files.skip_reason IS NOT excluded.skip_reason",
                 ((r["job"], r["file_name"], r.get("custom_id"), r.get("skip_reason"), now) for r in rows),
             )
 
-    def forget_files_not_seen(self, job: str, stamp: float) -> int:
-        """Drop the job's file rows that a full scan did not stamp with `stamp` (files no longer there)."""
-        cur = self.db.execute("DELETE FROM files WHERE job = ? AND updated_at != ?", [job, stamp])
-        return int(cur.rowcount)
+    def file_count(self, job: str) -> int:
+        return int(self.db.execute("SELECT count(*) FROM files WHERE job = ?", [job]).fetchone()[0])
+
+    def forget_files_not_in(self, job: str, names: Iterable[str]) -> int:
+        """Drop the job's file rows whose name is not in `names`, which must come sorted (as discovery gives
+        them): a merge with the rows in file-name order, holding only the names to drop."""
+        present = iter(names)
+        current = next(present, None)
+        gone = []
+        for (name,) in self.db.execute("SELECT file_name FROM files WHERE job = ? ORDER BY file_name", [job]):
+            while current is not None and current < name:
+                current = next(present, None)
+            if current != name:
+                gone.append(name)
+        for chunk in _chunks(gone, 500):
+            marks = ",".join("?" * len(chunk))
+            self.db.execute(f"DELETE FROM files WHERE job = ? AND file_name IN ({marks})", [job, *chunk])
+        return len(gone)
 
     def forget_files_except(self, job: str, keep: set[str] | None) -> None:
         """Drop file rows of files no longer present (only when the whole folder was scanned)."""

@@ -111,7 +111,7 @@ def prepare(store: Store, template: Template, provider: Provider, model: str, pa
         store.upsert_job(job, provider=provider.name, model=model, input_dir=str(input_dir.resolve()),
                          template_dir=str(template.path.resolve()))
     encoder = LineEncoder(provider, model, params)
-    stamp = time.time()  # every file row of this run carries it, so rows of vanished files can be swept
+    stamp = time.time()
     base = str(input_dir)
     file_rows: list[dict[str, Any]] = []
     chunk: list[tuple[str, str, bytes, int]] = []
@@ -132,16 +132,19 @@ def prepare(store: Store, template: Template, provider: Provider, model: str, pa
                 writer.add_chunk(chunk, file_rows)
                 bar.advance(len(chunk))
                 chunk = []
-                if not dry_run and len(file_rows) >= RENDER_CHUNK:
-                    store.record_files(file_rows, stamp)
+                if len(file_rows) >= RENDER_CHUNK:
+                    if not dry_run:  # a dry run records nothing
+                        store.record_files(file_rows, stamp)
                     file_rows = []
         writer.add_chunk(chunk, file_rows)
         bar.advance(len(chunk))
     writer.finish()
     if not dry_run:
         store.record_files(file_rows, stamp)
-        if limit is None:
-            store.forget_files_not_seen(job, stamp)
+        # Every file seen has its row, so more rows than files means some files are gone: only then list the
+        # folder again (sorted, streamed) to find them.
+        if limit is None and store.file_count(job) > report.files:
+            store.forget_files_not_in(job, iter_discover(input_dir, pattern))
     return report
 
 
