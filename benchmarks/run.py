@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -416,9 +417,8 @@ def table(rows: list[Row]) -> str:
             rss += f" ({r.floor_rss_mb:.0f})"
         met = "" if r.ok is None else ("yes" if r.ok else "**no**")
         name = r.name + (f" ({r.note})" if r.note else "")
-        lines.append(
-            f"| {name} | {r.size} | {r.seconds:.2f} | {ref} | {ratio} | {rss} | {r.target} | {met} |"
-        )
+        seconds = "" if r.note == "MB, not seconds" else f"{r.seconds:.2f}"
+        lines.append(f"| {name} | {r.size} | {seconds} | {ref} | {ratio} | {rss} | {r.target} | {met} |")
     return "\n".join(lines)
 
 
@@ -460,7 +460,23 @@ def notes(rows: list[Row]) -> str:
         "server refuses most; they go back to the queue (attempts stay at 1) and the window then follows "
         "what the server accepted. With `--max-enqueued-tokens` at or under the quota nothing is refused.",
     ]
-    return "\n".join(lines)
+    missed = [r for r in rows if r.ok is False]
+    if missed:
+        lines.append("- Missed: " + "; ".join(_miss(r) for r in missed) + ".")
+    lines.append("- The machine is shared: the same command varies by 10-20% from run to run.")
+    indent = [
+        textwrap.fill(
+            line, 110, subsequent_indent="  " if line.startswith("- ") else "", break_on_hyphens=False
+        )
+        for line in lines
+    ]
+    return "\n".join(indent)
+
+
+def _miss(r: Row) -> str:
+    if r.ratio is not None:
+        return f"{r.name} on {r.size}, {r.ratio:.2f}x for a target of {r.target}"
+    return f"{r.name} on {r.size}, {r.seconds:.2f} s for a target of {r.target}"
 
 
 def machine() -> str:
@@ -520,8 +536,9 @@ def measure(args: argparse.Namespace) -> tuple[str, list[Row]]:
     CACHE.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(CACHE).free / 1e9
     if not args.quick and free < 5:
-        sys.exit(f"Error: only {free:.1f} GB free under {CACHE}; the full run needs about 5 GB "
-                 "(or use --quick)")
+        sys.exit(
+            f"Error: only {free:.1f} GB free under {CACHE}; the full run needs about 5 GB (or use --quick)"
+        )
     rows: list[Row] = []
     dry: dict[int, Row] = {}
     with tempfile.TemporaryDirectory(prefix="hipbatch-bench-") as tmp:
@@ -534,8 +551,17 @@ def measure(args: argparse.Namespace) -> tuple[str, list[Row]]:
             assert small.rss_mb is not None and large.rss_mb is not None
             growth = large.rss_mb - small.rss_mb
             span = f"{sizes['dry'][0]:,} -> {sizes['dry'][1]:,} files"
-            rows.append(Row("peak RSS growth, dry-run", span, 0.0, growth, target="nearly flat (< 20 MB)",
-                            ok=growth < 20, note="MB, not seconds"))
+            rows.append(
+                Row(
+                    "peak RSS growth, dry-run",
+                    span,
+                    0.0,
+                    growth,
+                    target="nearly flat (< 20 MB)",
+                    ok=growth < 20,
+                    note="MB, not seconds",
+                )
+            )
         if "resubmit" in only:
             rows += bench_resubmit(sizes["resubmit"], work, repeat, dry.get(sizes["resubmit"]))
         if "collect" in only:
@@ -547,8 +573,10 @@ def measure(args: argparse.Namespace) -> tuple[str, list[Row]]:
         if "drain" in only:
             rows += bench_drain(sizes["drain"], work)
     command = f"python benchmarks/run.py{' --quick' if args.quick else ''}"
-    header = (f"`{command}` on {machine()}; best of {repeat} runs, each command in its own process "
-              "(imports included).")
+    header = (
+        f"`{command}` on {machine()}; best of {repeat} runs, each command in its own process "
+        "(imports included)."
+    )
     return header, rows
 
 

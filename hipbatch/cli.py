@@ -173,14 +173,14 @@ def do_submit(settings: Settings, input_dir: Path, provider: str, model: str | N
               force: bool, quiet: bool, max_cost: float | None = None) -> dict[str, Any]:
     from hipbatch import cost
     from hipbatch.poll import retrying
-    from hipbatch.render import discover, load_template
+    from hipbatch.render import iter_discover, load_template
     from hipbatch.submit import Adapters, feed, prepare, provider_for_job
 
     config = settings.config()
     template = load_template(template_dir)
     adapter, chosen_model, params = provider_for_job(config, template, provider, model)
     job_name = job or (input_dir.resolve().name or "job")
-    discover(input_dir, glob)  # bad INPUT_DIR fails here, before anything is written
+    iter_discover(input_dir, glob)  # bad INPUT_DIR fails here, before anything is written (nothing listed yet)
     if not dry_run:
         adapter.check_key()  # before anything is written or sent
         retrying(adapter.check_model, chosen_model)

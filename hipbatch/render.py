@@ -105,8 +105,12 @@ def _static_render(env: jinja2.Environment, template: jinja2.Template) -> str | 
 
 def _render(template: jinja2.Template, variables: dict[str, Any]) -> str:
     try:
-        # What Template.render does, with one dict instead of two copies per call (half its cost per file).
-        context = template.new_context({**template.globals, **variables}, shared=True)
+        # What Template.render does, with one dict instead of two copies per call (half its cost per file);
+        # template.globals is a ChainMap, flattened once per template rather than once per file.
+        flat = template.__dict__.get("_hipbatch_globals")
+        if flat is None:
+            flat = template.__dict__["_hipbatch_globals"] = dict(template.globals)
+        context = template.new_context({**flat, **variables}, shared=True)
         return template.environment.concat(template.root_render_func(context))  # type: ignore[attr-defined]
     except Exception:
         pass  # render again the usual way, so the error points at the template's own line
