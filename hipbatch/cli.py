@@ -278,6 +278,8 @@ def status(
     watch: Annotated[bool, typer.Option("--watch", help="Refresh until every batch is finished, sending "
                                         "queued shards as capacity frees.")] = False,
     interval: Annotated[float, typer.Option(min=0.05, help="Seconds between refreshes with --watch.")] = 30.0,
+    show_all: Annotated[bool, typer.Option("--all", help=f"List every batch (by default, past {TABLE_ROWS} "
+                                           "batches, older collected ones are summed up in one line).")] = False,
 ) -> None:
     """Refresh unfinished batches and show where every batch stands.
 
@@ -294,9 +296,9 @@ def status(
                 if not watch or all(r["is_final"] for r in rows):
                     _print_json(rows)
             elif watch and sys.stdout.isatty():
-                live = _update_live(live, _status_renderable(rows, store, job))  # redrawn in place
+                live = _update_live(live, _status_renderable(rows, store, job, show_all))  # redrawn in place
             else:
-                _print_status_table(rows, store, job)
+                _print_status_table(rows, store, job, show_all)
             if not watch or all(r["is_final"] for r in rows):
                 return
             time.sleep(interval)
@@ -332,7 +334,6 @@ def do_status(settings: Settings, store: Any, job: str | None, windows: Any = No
         if windows is not None:
             fed = feed(store, adapters, windows)  # interrupted submits first, then the queue
             _print_feed_problems(fed, "Warning")
-        cost.settle(store, cost.load_prices(config))
     for line in report.errors:
         err(f"Warning: status check failed, batch left as it was: {line}")
     now = time.time()
@@ -357,7 +358,9 @@ def _fmt_age(seconds: float) -> str:
         return f"{seconds}s"
     if seconds < 7200:
         return f"{seconds // 60}m"
-    return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    if seconds < 172800:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    return f"{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"
 
 
 def _status_console() -> Any:
@@ -366,11 +369,14 @@ def _status_console() -> Any:
     return Console() if sys.stdout.isatty() else Console(width=200)  # scripts and logs get full rows
 
 
-def _print_status_table(rows: list[dict[str, Any]], store: Any, job: str | None) -> None:
-    _status_console().print(_status_renderable(rows, store, job))
+def _print_status_table(rows: list[dict[str, Any]], store: Any, job: str | None, show_all: bool = False) -> None:
+    _status_console().print(_status_renderable(rows, store, job, show_all))
 
 
-def _status_renderable(rows: list[dict[str, Any]], store: Any, job: str | None) -> Any:
+TABLE_ROWS = 20  # batches listed by default; running and uncollected ones are always listed
+
+
+def _status_renderable(rows: list[dict[str, Any]], store: Any, job: str | None, show_all: bool = False) -> Any:
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
@@ -383,6 +389,12 @@ def _status_renderable(rows: list[dict[str, Any]], store: Any, job: str | None) 
     lines: list[Any] = [Text(summary_line(name, s)) for name, s in summaries.items() if s]
     table = Table("job", "batch id", "provider", "model", "status", "done / failed / total", "created", "age",
                   "expires in", "top error")
+    hidden = 0
+    if not show_all and len(rows) > TABLE_ROWS:
+        done = [i for i, r in enumerate(rows) if r["is_final"] and r["collected"]]
+        keep = max(TABLE_ROWS - (len(rows) - len(done)), 5)
+        drop = set(done[:-keep])
+        hidden, rows = len(drop), [r for i, r in enumerate(rows) if i not in drop]
     for r in rows:
         if r["counts_final_only"] and not r["is_final"]:
             counts = f"? / ? / {r['total']} (counts at end)"
@@ -396,6 +408,9 @@ def _status_renderable(rows: list[dict[str, Any]], store: Any, job: str | None) 
         table.add_row(r["job"], r["batch_id"], r["provider"], r["model"], r["status"], counts, created,
                       _fmt_age(r["age_seconds"]), expires_text, top_text)
     lines.append(table)
+    if hidden:
+        lines.append(Text(f"... and {hidden} older finished and collected batches (`hipbatch status --all` lists "
+                          "them; `--json` always has every batch)"))
     counts = store.request_counts(job)
     queued = len(store.shards_in_states(["queued"]))
     lines.append(Text("requests: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hipbatch.errors import HipbatchError, TransientError
 from hipbatch.extract import ExtractSettings, extract
@@ -19,6 +19,9 @@ from hipbatch.providers import Provider
 from hipbatch.providers.base import iter_jsonl
 from hipbatch.records import BatchInfo, Outcome, RequestState, Result
 from hipbatch.store import Store
+
+if TYPE_CHECKING:
+    from hipbatch.cost import Price, PriceTable
 from hipbatch.submit import Adapters, Window, pick_window
 
 QUOTA_CODES = ("token_limit_exceeded",)
@@ -89,14 +92,21 @@ class _Extractors:
         return self._cache[job]
 
 
-def outcome_row(result: Result, settings: ExtractSettings, via: str = "batch") -> dict[str, Any]:
-    """The ledger columns for one result, after the extractor."""
+def outcome_row(result: Result, settings: ExtractSettings, via: str = "batch",
+                price: Price | None = None) -> dict[str, Any]:
+    """The ledger columns for one result, after the extractor.
+
+    cost_usd is set, never added, from the tokens just set: by `price` when the model's price is known (as
+    cost.settle() would), else NULL for cost.settle() to fill in.
+    """
     row: dict[str, Any] = {
         "custom_id": result.custom_id, "via": via, "answered_at": time.time(),
         "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
         "cache_read_tokens": result.cache_read_tokens, "cache_write_tokens": result.cache_write_tokens,
         "error_code": result.error_code, "error_message": result.error_message,
-        "cost_usd": None,  # recomputed from the tokens just set (cost.settle): set, never added
+        "cost_usd": None if price is None else price.cost(
+            result.input_tokens or 0, result.output_tokens or 0, result.cache_read_tokens or 0,
+            result.cache_write_tokens or 0, live=via == "live"),
     }
     if result.outcome is Outcome.SUCCEEDED:
         ex = extract(result.text, result.finish, settings)
@@ -116,6 +126,7 @@ def collect_batches(store: Store, adapters: Adapters, progress: Progress | None 
     progress = progress or NullProgress()
     report = CollectReport()
     extractors = _Extractors(store)
+    prices = _prices(adapters)
     results_dir = store.state_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     for batch in store.batches_to_collect():
@@ -136,23 +147,37 @@ def collect_batches(store: Store, adapters: Adapters, progress: Progress | None 
         # One transaction per batch: a batch is read in whole or not at all (a killed collect reads it again),
         # and SQLite writes each touched page once instead of once per chunk: results come in any order.
         with store.atomic(), progress.task(f"collect {batch['id']}", info.total) as bar:
-            rows: list[dict[str, Any]] = []
             if dest.exists():
-                for line in iter_jsonl(dest):
-                    result = provider.parse(line)
-                    rows.append(outcome_row(result, extractors(batch["job"])))
-                    report.lines += 1
-                    if len(rows) >= 2000:
-                        store.save_results(rows, from_batch=batch["id"])
-                        bar.advance(len(rows))
-                        rows = []
-            store.save_results(rows, from_batch=batch["id"])
-            bar.advance(len(rows))
+                price = prices.lookup(batch["provider"], batch["model"]) if prices is not None else None
+                rows = _outcome_rows(dest, provider, extractors(batch["job"]), price, bar)
+                report.lines += store.save_results_staged(rows, from_batch=batch["id"])
             leftover_state, message = _leftover(info)
             store.mark_unanswered(batch["id"], leftover_state, message)
             store.mark_collected(batch["id"])
         report.batches.append(batch["id"])
     return report
+
+
+def _outcome_rows(dest: Path, provider: Provider, settings: ExtractSettings, price: Price | None,
+                  bar: Any) -> Iterator[dict[str, Any]]:
+    """The ledger rows of a downloaded results file, streamed; the progress bar moves every 2,000."""
+    n = 0
+    for line in iter_jsonl(dest):
+        yield outcome_row(provider.parse(line), settings, price=price)
+        n += 1
+        if n % 2000 == 0:
+            bar.advance(2000)
+    bar.advance(n % 2000)
+
+
+def _prices(adapters: Adapters) -> PriceTable | None:
+    """The price table, to cost each answer as it is recorded; None leaves that to cost.settle()."""
+    from hipbatch import cost
+
+    try:
+        return cost.load_prices(adapters.config)
+    except (HipbatchError, AttributeError):
+        return None
 
 
 def _leftover(info: BatchInfo) -> tuple[str, str]:

@@ -472,26 +472,39 @@ def _unsettled_cost(store: Store, price: Price, job: str, provider: str, model: 
 def job_summaries(store: Store, job: str | None = None) -> dict[str, dict[str, Any]]:
     """Per job: requests done / failed / in flight / queued, and the money spent and still committed."""
     where, args = ("WHERE job = ?", [job]) if job else ("", [])
-    failed = ",".join("?" * len(RETRYABLE))
-    marks = ",".join("?" * len(IN_FLIGHT))
+    sums: dict[str, dict[str, Any]] = {}
+    # GROUP BY (job, state) over the covering index (job, state, cost_usd, est_cost_usd): no table reads.
+    for name, state, n, cost, n_cost, committed, n_committed in store.db.execute(
+        f"SELECT job, state, count(*), total(cost_usd), count(cost_usd), total(est_cost_usd), count(est_cost_usd) "
+        f"FROM requests {where} GROUP BY job, state", args,
+    ):
+        s = sums.setdefault(name, {"requests": 0, "done": 0, "failed": 0, "in_flight": 0, "queued": 0,
+                                   "cost": 0.0, "n_cost": 0, "final": 0, "committed": 0.0, "n_committed": 0})
+        s["requests"] += n
+        if state == RequestState.SUCCEEDED:
+            s["done"] += n
+        elif state in RETRYABLE:
+            s["failed"] += n
+        elif state == RequestState.SUBMITTED:
+            s["in_flight"] += n
+        elif state == RequestState.PENDING:
+            s["queued"] += n
+        s["cost"] += cost or 0.0
+        if state in IN_FLIGHT:
+            s["committed"] += committed or 0.0
+            s["n_committed"] += n_committed
+        else:
+            s["final"] += n
+            s["n_cost"] += n_cost
     out: dict[str, dict[str, Any]] = {}
-    for name, total, done, bad, flight, queued, cost, n_cost, committed, n_committed in store.db.execute(
-        f"SELECT job, count(*), sum(state = ?), sum(state IN ({failed})), sum(state = ?), sum(state = ?), "
-        f"sum(cost_usd), sum(cost_usd IS NOT NULL AND state NOT IN ({marks})), "
-        f"sum(CASE WHEN state IN ({marks}) THEN est_cost_usd END), "
-        f"sum(est_cost_usd IS NOT NULL AND state IN ({marks})) "
-        f"FROM requests {where} GROUP BY job ORDER BY job",
-        [RequestState.SUCCEEDED, *RETRYABLE, RequestState.SUBMITTED, RequestState.PENDING, *IN_FLIGHT,
-         *IN_FLIGHT, *IN_FLIGHT, *args],
-    ).fetchall():
-        final = total - (flight or 0) - (queued or 0)
+    for name in sorted(sums):
+        s = sums[name]
         out[name] = {
-            "requests": total, "done": done or 0, "failed": bad or 0, "in_flight": flight or 0,
-            "queued": queued or 0,
+            "requests": s["requests"], "done": s["done"], "failed": s["failed"], "in_flight": s["in_flight"],
+            "queued": s["queued"],
             # None when an answered request has no price yet (unknown model, or not settled)
-            "cost_usd": _money(cost or 0.0) if (n_cost or 0) >= final else None,
-            "committed_usd": _money(committed or 0.0) if (n_committed or 0) >= (flight or 0) + (queued or 0)
-            else None,
+            "cost_usd": _money(s["cost"]) if s["n_cost"] >= s["final"] else None,
+            "committed_usd": _money(s["committed"]) if s["n_committed"] >= s["in_flight"] + s["queued"] else None,
         }
     return out
 
@@ -500,27 +513,39 @@ def batch_figures(store: Store, batches: list[dict[str, Any]],
                   now: float | None = None) -> dict[str, dict[str, Any]]:
     """Per batch: seconds to expiry while it runs, and the most common failure reason."""
     now = time.time() if now is None else now
+    tops = _request_errors(store)
     out: dict[str, dict[str, Any]] = {}
     for b in batches:
         expires = b.get("expires_at")
-        figures: dict[str, Any] = {
+        out[b["id"]] = {
             "expires_in_seconds": round(expires - now, 1) if expires and not b["is_final"] else None,
-            "top_error": _top_error(store, b),
+            "top_error": tops.get(b["id"]) or _batch_error(b),
         }
-        out[b["id"]] = figures
     return out
 
 
-def _top_error(store: Store, b: dict[str, Any]) -> dict[str, Any] | None:
-    row = store.db.execute(
-        "SELECT state, error_code, count(*), max(error_message) FROM requests WHERE batch_id = ? "
-        "AND state NOT IN (?, ?, ?) GROUP BY state, error_code ORDER BY 3 DESC, 1 LIMIT 1",
-        [b["id"], RequestState.SUCCEEDED, *IN_FLIGHT],
-    ).fetchone()
-    if row is not None:
-        state, code, n, message = row
+def _request_errors(store: Store) -> dict[str, dict[str, Any]]:
+    """The most common failure reason of each batch's requests (index-only over (state, batch_id, error_code))."""
+    marks = ",".join("?" * len(RETRYABLE))
+    best: dict[str, tuple[int, str, str | None]] = {}
+    for batch_id, state, code, n in store.db.execute(
+        f"SELECT batch_id, state, error_code, count(*) FROM requests "
+        f"WHERE state IN ({marks}) AND batch_id IS NOT NULL GROUP BY 1, 2, 3", list(RETRYABLE),
+    ):
+        seen = best.get(batch_id)
+        if seen is None or (n, seen[1]) > (seen[0], state):  # most requests first, then state name
+            best[batch_id] = (n, state, code)
+    out = {}
+    for batch_id, (n, state, code) in best.items():
+        row = store.db.execute(
+            "SELECT error_message FROM requests WHERE state = ? AND batch_id = ? AND error_code IS ? LIMIT 1",
+            [state, batch_id, code]).fetchone()
         reason = state if not code or code == state else f"{state}:{code}"
-        return {"reason": reason, "count": n, "message": message}
+        out[batch_id] = {"reason": reason, "count": n, "message": row[0] if row else None}
+    return out
+
+
+def _batch_error(b: dict[str, Any]) -> dict[str, Any] | None:
     errors = json.loads(b["errors"]) if b.get("errors") else []
     if errors:  # a batch refused as a whole (validation, quota)
         first = errors[0]

@@ -119,3 +119,14 @@ def m001_initial(db: Database) -> None:
     db.table("requests").create_index(["shard_id"])
     db.table("files").create_index(["custom_id"])
     db.table("batches").create_index(["is_final", "collected"])
+
+
+@migrations()
+def m002_status_covering_indexes(db: Database) -> None:
+    # `status` sums cost per (job, state) and finds each batch's top failure on every call: covering indexes
+    # make both index-only scans (1,000,000 requests in a fraction of a second). Each new index starts with
+    # the columns of the one it replaces, so it serves every query the old one did.
+    db.execute("DROP INDEX IF EXISTS idx_requests_job_state")
+    db.table("requests").create_index(["job", "state", "cost_usd", "est_cost_usd"])
+    db.execute("DROP INDEX IF EXISTS idx_requests_state")
+    db.table("requests").create_index(["state", "batch_id", "error_code"])

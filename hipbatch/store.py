@@ -93,6 +93,8 @@ class Store:
         # A bounded page cache (32 MB, not proportional to the store) so bulk updates in random order stay
         # in memory within one transaction instead of re-reading and re-writing pages.
         self.db.execute("PRAGMA cache_size=-32768")
+        # Read pages straight from the OS cache: full-table aggregates (status on 10^6 requests) run ~1.5x faster.
+        self.db.execute("PRAGMA mmap_size=268435456")
         if migrations.pending(self.db):  # read-only check: an up-to-date store needs no lock to open
             with self.lock.held(timeout=float(os.environ.get("HIPBATCH_LOCK_TIMEOUT", "600"))):
                 migrations.apply(self.db)
@@ -269,6 +271,78 @@ class Store:
                 for cols, many in groups.items():
                     sets = ", ".join(f"{c} = ?" for c in cols)
                     self.db.conn.executemany(f"UPDATE requests SET {sets} WHERE custom_id = ?{guard}", many)
+
+    def save_results_staged(self, rows: Iterable[dict[str, Any]], keep_success: bool = True,
+                            from_batch: str | None = None) -> int:
+        """save_results for a whole batch streamed in: the same rules, applied in the ledger's row order.
+
+        Result lines come in any order; updating the ledger in that order rewrites pages at random (about 3x
+        slower for 50,000 rows). The rows are staged in a temp table (on disk, like SQLite's other temp
+        data: memory stays flat) with the rowid of their request, then applied with one UPDATE ... FROM per
+        column set, sorted by rowid. A custom_id found twice is applied line by line in file order, as
+        save_results would. Run inside the caller's transaction; returns the rows staged.
+        """
+        now = time.time()
+        db = self.db.conn
+        db.execute("DROP TABLE IF EXISTS temp.hb_staged")
+        staged: list[str] = []  # value columns of the temp table, in order
+        groups: dict[tuple[str, ...], int] = {}
+        groups_made = False
+        n = 0
+        for chunk in _chunks(rows):
+            by_group: dict[int, list[list[Any]]] = {}
+            for row in chunk:
+                cols = tuple(k for k in row if k != "custom_id" and k != "updated_at")
+                grp = groups.get(cols)
+                if grp is None:
+                    grp = groups[cols] = len(groups)
+                    new = [c for c in cols if c not in staged]
+                    if not groups_made:
+                        groups_made = True
+                        db.execute("CREATE TEMP TABLE hb_staged (rid INTEGER, seq INTEGER, grp INTEGER"
+                                   + "".join(f", {c}" for c in new) + ")")
+                    else:
+                        for c in new:
+                            db.execute(f"ALTER TABLE temp.hb_staged ADD COLUMN {c}")
+                    staged.extend(new)
+                by_group.setdefault(grp, []).append([n, grp, *(row[c] for c in cols), row["custom_id"]])
+                n += 1
+            for grp, many in by_group.items():
+                cols = next(c for c, g in groups.items() if g == grp)
+                marks = ", ".join("?" * (len(cols) + 2))
+                db.executemany(f"INSERT INTO temp.hb_staged (rid, seq, grp{''.join(', ' + c for c in cols)}) "
+                               f"SELECT rowid, {marks} FROM requests WHERE custom_id = ?", many)
+        if not groups_made:
+            return n
+        state = "s.state" if "state" in staged else "NULL"
+        guard = ""
+        args: list[Any] = [now]
+        if keep_success:
+            guard += f" AND (requests.state != ? OR {state} = ?)"
+        if from_batch is not None:
+            guard += f" AND (requests.batch_id = ? OR {state} = ?)"
+        guard_args = ([RequestState.SUCCEEDED] * 2 if keep_success else []) + (
+            [from_batch, RequestState.SUCCEEDED] if from_batch is not None else [])
+
+        def apply(cols: tuple[str, ...], where: str, where_args: list[Any]) -> None:
+            sets = "".join(f", {c} = s.{c}" for c in cols)
+            db.execute(
+                f"UPDATE requests SET updated_at = ?{sets} FROM (SELECT * FROM temp.hb_staged WHERE {where} "
+                f"ORDER BY rid) AS s WHERE requests.rowid = s.rid{guard}", [*args, *where_args, *guard_args])
+
+        twice = [r[0] for r in db.execute("SELECT rid FROM temp.hb_staged GROUP BY rid HAVING count(*) > 1")]
+        if twice:
+            by_grp = {g: c for c, g in groups.items()}
+            for chunk in _chunks(twice, 500):
+                marks = ",".join("?" * len(chunk))
+                for seq, grp in db.execute(f"SELECT seq, grp FROM temp.hb_staged WHERE rid IN ({marks}) "
+                                           "ORDER BY seq", chunk).fetchall():
+                    apply(by_grp[grp], "seq = ?", [seq])
+                db.execute(f"DELETE FROM temp.hb_staged WHERE rid IN ({marks})", chunk)
+        for cols, grp in groups.items():
+            apply(cols, "grp = ?", [grp])
+        db.execute("DROP TABLE temp.hb_staged")
+        return n
 
     def mark_unanswered(self, batch_id: str, state: str, message: str) -> int:
         """Requests of a batch still waiting on it after its results were read get `state`."""

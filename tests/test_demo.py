@@ -32,3 +32,17 @@ def test_anthropic_status_says_counts_come_at_the_end(hip_dir: Path, monkeypatch
         assert "? / ? / 6 (counts at end)" in out.stdout
         [batch] = json.loads(cli("status", "--json").stdout)
         assert batch["status"] == "in_progress" and batch["done"] is None and batch["counts_final_only"]
+
+
+def test_status_table_sums_up_old_collected_batches(openai_env: LocalBatchServer, hip_dir: Path) -> None:
+    cli("submit", hip_dir, "--max-requests-per-batch", "1")
+    for i in range(20):
+        (hip_dir / f"extra{i}.hip").write_text(f"__global__ void extra{i}() {{}}\n")
+    cli("collect")
+    cli("submit", hip_dir, "--max-requests-per-batch", "1")  # 26 batches: 6 collected, 20 not yet
+    out = cli("status").stdout
+    # every running batch is listed, plus the 5 most recent collected ones; the oldest is summed up
+    assert "... and 1 older finished and collected batches" in out
+    assert out.count("batch_") == 25
+    assert cli("status", "--all").stdout.count("batch_") == 26
+    assert len(json.loads(cli("status", "--json").stdout)) == 26
