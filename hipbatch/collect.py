@@ -256,8 +256,7 @@ def write_dataset(store: Store, output: Path, fmt: str = "json", job: str | None
         with part.open("w", encoding="utf-8") as fh:
             if fmt == "json":
                 fh.write("[")
-            for record in _records(store, job):
-                text = record_json(record)
+            for text in _record_lines(store, job):
                 if fmt == "json":
                     fh.write(("\n  " if n == 0 else ",\n  ") + text)
                 else:
@@ -280,6 +279,24 @@ def record_json(record: dict[str, Any]) -> str:
         text = encode_basestring(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         parts.append(f"{encode_basestring(key)}: {text}")
     return "{" + ", ".join(parts) + "}"
+
+
+def _record_lines(store: Store, job: str | None) -> Iterator[str]:
+    """record_json of each record, without a dict per record: the columns that repeat (provider, model,
+    job, via) are encoded once per combination."""
+    tails: dict[tuple[Any, ...], str] = {}
+    for job_name, file_name, prompt, custom_id, provider, model, via in store.dataset_tuples(job):
+        key = (provider, model, job_name, via)
+        tail = tails.get(key)
+        if tail is None:
+            tail = tails[key] = record_json({"provider": provider, "model": model, "job": job_name,
+                                             "via": via or "batch"})[1:]
+        yield (f'{{"file_name": {_value(file_name)}, "english_prompt": {_value(prompt)}, '
+               f'"custom_id": {_value(custom_id)}, {tail}')
+
+
+def _value(value: Any) -> str:
+    return encode_basestring(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
 def _records(store: Store, job: str | None) -> Iterator[dict[str, Any]]:

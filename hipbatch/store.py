@@ -375,6 +375,18 @@ class Store:
             args.append(job)
         yield from self.db.query(sql.format(job="AND f.job = ?" if job else ""), args)
 
+    def dataset_tuples(self, job: str | None = None) -> Iterator[tuple[Any, ...]]:
+        """dataset_rows as plain tuples in the same column order (no dict per row: the dataset's hot loop)."""
+        sql = (
+            "SELECT f.job, f.file_name, r.prompt, r.custom_id, r.provider, r.model, r.via "
+            "FROM files f JOIN requests r ON r.custom_id = f.custom_id "
+            "WHERE r.state = ? {job} ORDER BY f.file_name, f.job"
+        )
+        args: list[Any] = [RequestState.SUCCEEDED]
+        if job:
+            args.append(job)
+        yield from self.db.conn.execute(sql.format(job="AND f.job = ?" if job else ""), args)
+
     def request_counts(self, job: str | None = None) -> dict[str, int]:
         sql = "SELECT state, count(*) FROM requests {} GROUP BY state"
         if job:

@@ -102,11 +102,12 @@ def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Lines of a JSONL file as dicts; a line that does not parse raises ValueError naming the line."""
     import json
 
+    decode = json.JSONDecoder().decode  # json.loads without its per-call encoding detection
     with path.open("rb") as fh:
         for n, raw in enumerate(fh, 1):
             if not raw.strip():
                 continue
             try:
-                yield json.loads(raw)
+                yield decode(raw.decode("utf-8-sig"))
             except ValueError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
