@@ -19,7 +19,7 @@ import pytest
 
 from hipbatch.config import load_config
 from hipbatch.emulator import EmulatorConfig, LocalBatchServer
-from hipbatch.emulator.common import Call, Reply
+from hipbatch.emulator.trap import TrapServer
 from hipbatch.providers import Provider, ProviderSettings, get_provider
 from hipbatch.render import load_template
 from hipbatch.store import Store
@@ -285,49 +285,6 @@ def test_openai_orphan_adopted_by_metadata_even_among_others(openai_env: LocalBa
 # ---- SIGKILL at random moments, in real processes -------------------------------------------------
 
 
-class TrapServer(LocalBatchServer):
-    """The local batch server, able to SIGKILL a client process at its n-th API call, or a while after its
-    first one. The call that trips the trap is still processed: the client died after sending it."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._trap_lock = threading.Lock()
-        self.victim: int | None = None
-        self.kill_at_call = 0
-        self.kill_after_first: float | None = None
-        self.calls = 0
-
-    def arm(self, pid: int, at_call: int = 0, after_first: float | None = None) -> None:
-        with self._trap_lock:
-            self.victim, self.kill_at_call, self.kill_after_first, self.calls = pid, at_call, after_first, 0
-
-    def disarm(self) -> None:
-        with self._trap_lock:
-            self.victim = None
-
-    def _kill(self, pid: int) -> None:
-        with self._trap_lock:
-            if self.victim != pid:
-                return
-            self.victim = None
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-    def _respond(self, call: Call) -> Reply | None:
-        if not call.path.startswith("/_emulator/"):
-            with self._trap_lock:
-                pid = self.victim
-                self.calls += 1
-                first, nth = self.calls == 1, self.calls == self.kill_at_call
-            if pid is not None and nth:
-                self._kill(pid)
-            elif pid is not None and first and self.kill_after_first is not None:
-                threading.Timer(self.kill_after_first, self._kill, args=(pid,)).start()
-        return super()._respond(call)
-
-
 class Trials:
     """Runs hipbatch commands in subprocesses, killing them with SIGKILL at random moments."""
 
@@ -348,7 +305,7 @@ class Trials:
             self.server.arm(proc.pid, after_first=self.rng.uniform(0.0, 0.4))
         else:  # any moment at all, start-up included
             self.server.arm(proc.pid)
-            threading.Timer(self.rng.uniform(0.3, 2.0), self.server._kill, args=(proc.pid,)).start()
+            threading.Timer(self.rng.uniform(0.3, 2.0), self.server.kill, args=(proc.pid,)).start()
         try:
             code = proc.wait(timeout=120)
         finally:
