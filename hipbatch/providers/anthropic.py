@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the SDK takes ~1 s to import: only calls that reach the provider load it
     import anthropic
 
-from hipbatch.errors import ProviderError, TransientError, UsageError
-from hipbatch.providers.base import ProviderSettings, iter_jsonl, status_error
+from hipbatch.errors import ProviderError, TransientError
+from hipbatch.providers.base import AdapterBase, iter_jsonl, status_error
 from hipbatch.records import BatchInfo, Outcome, Result
 
 FINISH = {"max_tokens": "length", "refusal": "refusal", "model_context_window_exceeded": "length"}
@@ -38,7 +38,7 @@ def translate(what: str) -> Iterator[None]:
         raise TransientError(f"{what}: {e}") from e
 
 
-class Adapter:
+class Adapter(AdapterBase):
     """Anthropic Message Batches: requests travel inline, results stream from results_url."""
 
     name = "anthropic"
@@ -47,9 +47,6 @@ class Adapter:
     max_bytes = 256 * 1024 * 1024 - 64 * 1024  # leave room for the JSON envelope around the requests
     has_metadata = False
 
-    def __init__(self, settings: ProviderSettings) -> None:
-        self.settings = settings
-
     @cached_property
     def client(self) -> anthropic.Anthropic:
         import anthropic
@@ -57,17 +54,7 @@ class Adapter:
         return anthropic.Anthropic(api_key=self.settings.api_key(), base_url=self.settings.base_url or None,
                                    max_retries=0, timeout=self.settings.timeout)
 
-    def check_key(self) -> None:
-        self.settings.api_key()
-
-    def check_model(self, model: str) -> None:
-        try:
-            with translate(f"model {model}"):
-                self.client.models.retrieve(model)
-        except ProviderError as e:
-            if getattr(e, "status_code", None) == 404:
-                raise UsageError(f"--model {model}: the provider does not know this model ({e})") from None
-            raise
+    translate = staticmethod(translate)
 
     def to_line(self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model}

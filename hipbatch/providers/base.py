@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from hipbatch.errors import MissingKey, ProviderError, TransientError
+from hipbatch.errors import MissingKey, ProviderError, TransientError, UsageError
 from hipbatch.records import BatchInfo, Result
 
 
@@ -66,6 +67,32 @@ class Provider(Protocol):
     def cancel(self, batch_id: str) -> BatchInfo: ...
 
     def live(self, line: dict[str, Any]) -> Result: ...  # send one request line now (live mode)
+
+
+class AdapterBase:
+    """What every adapter shares: its settings, the key check and the model check."""
+
+    client: Any  # the SDK client, built on first use by the adapter
+
+    def __init__(self, settings: ProviderSettings) -> None:
+        self.settings = settings
+
+    @staticmethod
+    def translate(what: str) -> AbstractContextManager[None]:
+        raise NotImplementedError  # each adapter maps its SDK's exceptions
+
+    def check_key(self) -> None:
+        self.settings.api_key()
+
+    def check_model(self, model: str) -> None:
+        """UsageError if the provider does not know the model (both SDKs have models.retrieve)."""
+        try:
+            with self.translate(f"model {model}"):
+                self.client.models.retrieve(model)
+        except ProviderError as e:
+            if e.status_code == 404:
+                raise UsageError(f"--model {model}: the provider does not know this model ({e})") from None
+            raise
 
 
 def status_error(what: str, e: Any) -> ProviderError:

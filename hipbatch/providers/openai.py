@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the SDK takes ~1 s to import: only calls that reach the provider load it
     import openai
 
-from hipbatch.errors import ProviderError, TransientError, UsageError
-from hipbatch.providers.base import ProviderSettings, status_error
+from hipbatch.errors import ProviderError, TransientError
+from hipbatch.providers.base import AdapterBase, status_error
 from hipbatch.records import BatchInfo, Outcome, Result
 
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -33,7 +33,7 @@ def translate(what: str) -> Iterator[None]:
         raise ProviderError(f"{what}: {e}") from e
 
 
-class Adapter:
+class Adapter(AdapterBase):
     """OpenAI Files + Batches on /v1/chat/completions."""
 
     name = "openai"
@@ -41,9 +41,6 @@ class Adapter:
     max_requests = 50_000
     max_bytes = 200 * 1024 * 1024
     has_metadata = True
-
-    def __init__(self, settings: ProviderSettings) -> None:
-        self.settings = settings
 
     @cached_property
     def client(self) -> openai.OpenAI:
@@ -53,17 +50,7 @@ class Adapter:
         return openai.OpenAI(api_key=self.settings.api_key(), base_url=self.settings.base_url or None,
                              max_retries=0, timeout=self.settings.timeout)
 
-    def check_key(self) -> None:
-        self.settings.api_key()
-
-    def check_model(self, model: str) -> None:
-        try:
-            with translate(f"model {model}"):
-                self.client.models.retrieve(model)
-        except ProviderError as e:
-            if getattr(e, "status_code", None) == 404:
-                raise UsageError(f"--model {model}: the provider does not know this model ({e})") from None
-            raise
+    translate = staticmethod(translate)
 
     def to_line(self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model, "messages": []}
