@@ -287,6 +287,7 @@ def status(
     """
     settings: Settings = ctx.obj
     store = settings.store()
+    store.read_mapped()
     live: Any = None
     windows = _window(settings.config(), "openai", None, None) if watch else None  # kept across refreshes
     try:

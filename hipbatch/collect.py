@@ -299,13 +299,6 @@ def _value(value: Any) -> str:
     return encode_basestring(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def _records(store: Store, job: str | None) -> Iterator[dict[str, Any]]:
-    for row in store.dataset_rows(job):
-        yield {"file_name": row["file_name"], "english_prompt": row["english_prompt"],
-               "custom_id": row["custom_id"], "provider": row["provider"], "model": row["model"],
-               "job": row["job"], "via": row["via"] or "batch"}
-
-
 def cancel_batches(store: Store, adapters: Adapters, batch_ids: list[str]) -> list[BatchInfo]:
     """Ask the provider to cancel these batches; partial results are collected later like any other."""
     out = []

@@ -93,11 +93,14 @@ class Store:
         # A bounded page cache (32 MB, not proportional to the store) so bulk updates in random order stay
         # in memory within one transaction instead of re-reading and re-writing pages.
         self.db.execute("PRAGMA cache_size=-32768")
-        # Read pages straight from the OS cache: full-table aggregates (status on 10^6 requests) run ~1.5x faster.
-        self.db.execute("PRAGMA mmap_size=268435456")
         if migrations.pending(self.db):  # read-only check: an up-to-date store needs no lock to open
             with self.lock.held(timeout=float(os.environ.get("HIPBATCH_LOCK_TIMEOUT", "600"))):
                 migrations.apply(self.db)
+
+    def read_mapped(self) -> None:
+        """Read pages straight from the OS cache, for commands that aggregate the whole ledger (status):
+        ~1.5x faster on 10^6 requests. Not for writers: mapped pages would count in their peak RSS."""
+        self.db.execute("PRAGMA mmap_size=268435456")
 
     def close(self) -> None:
         self.db.close()
