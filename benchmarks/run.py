@@ -441,21 +441,24 @@ def notes(rows: list[Row]) -> str:
         lines.append(
             f"- submit --dry-run: per file, hipbatch costs {marginal:.2f}x the floor (the slope between "
             f"the two sizes); each run also pays about {max(fixed, 0):.1f} s of start-up (Python imports, "
-            "typer's pydantic-based option parsing, the store, the template), most of the gap at the "
-            "small size. A dry run imports no SDK."
+            "the store, the template), most of the gap at the small size. A dry run imports no SDK; typer is "
+            "pinned below 0.29, whose pydantic-based option parsing added 0.3 s to every command."
         )
     lines += [
         "- re-submit: the request ids are recomputed from the rendered text, so a re-submit renders and "
         "escapes every file like a dry run, skips writing the JSONL, looks the ids up 500 at a time, "
         "and also imports the SDK and checks the model with the provider (about 1.7 s).",
-        "- collect: the floor keeps nothing. hipbatch records every reply, its extracted prompt, usage "
-        "and state in the SQLite ledger (one transaction per batch; results come in any order, so the "
-        "row updates land on random pages), settles the cost, then writes the dataset from the ledger "
-        "sorted by file name. Recording alone costs about as much as the floor's whole run: the price of "
-        "never losing a paid answer, and of `--reextract`, `retry` and `cost` working offline.",
-        "- status: request counts come from an index in milliseconds; at 1,000,000 requests the time "
-        "goes to the per-job cost summary and per-batch top errors in the table (hipbatch/cost.py, full "
-        "scans of the requests table) and about 0.7 s of start-up.",
+        "- collect: the floor keeps nothing. hipbatch records every reply, its extracted prompt, usage, "
+        "cost and state in the SQLite ledger (one transaction per batch; the lines arrive in any order, "
+        "so they are staged and applied in rowid order), then writes the dataset from the ledger sorted "
+        "by file name. Each updated row also updates four indexes. Recording costs about as much as the "
+        "floor's whole run: the price of never losing a paid answer, and of `--reextract`, `retry` and "
+        "`cost` working offline. Reaching 2x would take a schema change (replies in an append-only "
+        "table of their own).",
+        "- status: one GROUP BY over a covering index (job, state, cost) for the per-job summary, one "
+        "over (state, batch_id, error_code) for each batch's top error, pages read through mmap; the "
+        "rest is start-up. The table lists running batches and the latest collected ones (`--all` for "
+        "every one).",
         "- drain: the quota run starts with no window, so the first submit sends every shard and the "
         "server refuses most; they go back to the queue (attempts stay at 1) and the window then follows "
         "what the server accepted. With `--max-enqueued-tokens` at or under the quota nothing is refused.",

@@ -412,7 +412,10 @@ def _status_renderable(rows: list[dict[str, Any]], store: Any, job: str | None, 
     if hidden:
         lines.append(Text(f"... and {hidden} older finished and collected batches (`hipbatch status --all` lists "
                           "them; `--json` always has every batch)"))
-    counts = store.request_counts(job)
+    counts: dict[str, int] = {}  # per state, from the job summaries already computed (no second scan)
+    for summary in summaries.values():
+        for state, n in (summary or {}).get("states", {}).items():
+            counts[state] = counts.get(state, 0) + n
     queued = len(store.shards_in_states(["queued"]))
     lines.append(Text("requests: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
                       + (f"; {queued} shard(s) queued locally" if queued else "")))

@@ -479,8 +479,10 @@ def job_summaries(store: Store, job: str | None = None) -> dict[str, dict[str, A
         f"FROM requests {where} GROUP BY job, state", args,
     ):
         s = sums.setdefault(name, {"requests": 0, "done": 0, "failed": 0, "in_flight": 0, "queued": 0,
-                                   "cost": 0.0, "n_cost": 0, "final": 0, "committed": 0.0, "n_committed": 0})
+                                   "cost": 0.0, "n_cost": 0, "final": 0, "committed": 0.0, "n_committed": 0,
+                                   "states": {}})
         s["requests"] += n
+        s["states"][state] = n
         if state == RequestState.SUCCEEDED:
             s["done"] += n
         elif state in RETRYABLE:
@@ -505,6 +507,7 @@ def job_summaries(store: Store, job: str | None = None) -> dict[str, dict[str, A
             # None when an answered request has no price yet (unknown model, or not settled)
             "cost_usd": _money(s["cost"]) if s["n_cost"] >= s["final"] else None,
             "committed_usd": _money(s["committed"]) if s["n_committed"] >= s["in_flight"] + s["queued"] else None,
+            "states": dict(sorted(s["states"].items())),  # requests per ledger state
         }
     return out
 

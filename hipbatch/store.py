@@ -86,7 +86,7 @@ class Store:
         self.lock = StateLock(state_dir)
         conn = sqlite3.connect(state_dir / "hipbatch.db", timeout=60, isolation_level=None,
                                check_same_thread=False)
-        self.db = Database(conn)
+        self.db = Database(conn, execute_plugins=False)  # no plugin scan: 50 ms off every command start
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
         self.db.execute("PRAGMA busy_timeout=60000")

@@ -301,7 +301,8 @@ def test_status_summary_expiry_and_top_error(openai_env: LocalBatchServer, tmp_p
     (row,) = rows
     assert 23 * 3600 < row["expires_in_seconds"] <= 24 * 3600 and row["top_error"] is None
     assert row["job_summary"] == {"requests": 5, "done": 0, "failed": 0, "in_flight": 5, "queued": 0,
-                                  "cost_usd": 0.0, "committed_usd": row["job_summary"]["committed_usd"]}
+                                  "cost_usd": 0.0, "committed_usd": row["job_summary"]["committed_usd"],
+                                  "states": {"submitted": 5}}
     assert row["job_summary"]["committed_usd"] > 0
     text = cli("status").stdout
     assert text.index("run: 5 requests: 0 done, 0 failed, 5 in flight, 0 queued") < text.index("batch id")
