@@ -365,21 +365,15 @@ class Store:
             args.append(job)
         yield from self.table("requests").rows_where(where, args, select="custom_id, job, reply_text, finish")
 
+    DATASET_COLUMNS = ("job", "file_name", "english_prompt", "custom_id", "provider", "model", "via")
+
     def dataset_rows(self, job: str | None = None) -> Iterator[dict[str, Any]]:
         """Files whose request has an extracted prompt, sorted by file name; streamed from SQLite."""
-        sql = (
-            "SELECT f.job AS job, f.file_name AS file_name, r.prompt AS english_prompt, "
-            "r.custom_id AS custom_id, r.provider AS provider, r.model AS model, r.via AS via "
-            "FROM files f JOIN requests r ON r.custom_id = f.custom_id "
-            "WHERE r.state = ? {job} ORDER BY f.file_name, f.job"
-        )
-        args: list[Any] = [RequestState.SUCCEEDED]
-        if job:
-            args.append(job)
-        yield from self.db.query(sql.format(job="AND f.job = ?" if job else ""), args)
+        for row in self.dataset_tuples(job):
+            yield dict(zip(self.DATASET_COLUMNS, row, strict=True))
 
     def dataset_tuples(self, job: str | None = None) -> Iterator[tuple[Any, ...]]:
-        """dataset_rows as plain tuples in the same column order (no dict per row: the dataset's hot loop)."""
+        """Dataset rows as plain tuples in DATASET_COLUMNS order (no dict per row: the dataset's hot loop)."""
         sql = (
             "SELECT f.job, f.file_name, r.prompt, r.custom_id, r.provider, r.model, r.via "
             "FROM files f JOIN requests r ON r.custom_id = f.custom_id "
