@@ -742,6 +742,9 @@ def cancel(
         if report.cancelled:
             err("Next: `hipbatch collect --wait` keeps what they finished; `hipbatch retry --only canceled` "
                 "sends the rest again.")
+        if not (report.cancelled or report.already_final or report.adopted or report.unqueued_shards
+                or report.errors):
+            err("Nothing to cancel: no unfinished batch and nothing queued.")
     for line in report.errors:
         err(f"Warning: {line}")
 
