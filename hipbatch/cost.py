@@ -425,7 +425,14 @@ def ledger(store: Store, prices: PriceTable, job: str | None = None) -> Ledger:
     rows: list[dict[str, Any]] = []
     warnings: list[str] = []
     result = store.db.execute(sql, [*IN_FLIGHT, *IN_FLIGHT, *IN_FLIGHT, *args]).fetchall()
+    earlier = superseded(store, job)
     for job_name, provider, model, n, tin, tout, tcr, tcw, cost, n_cost, n_final, committed in result:
+        # Answers paid for and then asked again (retry, live): their tokens count too, once.
+        old = [e for e in earlier if e[:3] == (job_name, provider, model)]
+        tin += int(sum(e[4] for e in old))
+        tout += int(sum(e[5] for e in old))
+        tcr += int(sum(e[6] for e in old))
+        tcw += int(sum(e[7] for e in old))
         row: dict[str, Any] = {
             "job": job_name, "provider": provider, "model": model, "requests": n, "input_tokens": tin,
             "output_tokens": tout, "cache_read_tokens": tcr, "cache_write_tokens": tcw, "cost_usd": None,
@@ -441,6 +448,7 @@ def ledger(store: Store, prices: PriceTable, job: str | None = None) -> Ledger:
         if (n_cost or 0) < (n_final or 0):
             # Answered since the last settle(): count those from their tokens, as settle() will.
             cost = (cost or 0.0) + _unsettled_cost(store, price, job_name, provider, model)
+        cost = (cost or 0.0) + sum(price.cost(e[4], e[5], e[6], e[7], live=bool(e[3])) for e in old)
         row["cost_usd"] = _money(cost or 0.0)
         row["committed_usd"] = _money(committed or 0.0)
         row["live_equivalent_usd"] = _money(price.cost(tin, tout, tcr, tcw, live=True))
@@ -452,6 +460,16 @@ def ledger(store: Store, prices: PriceTable, job: str | None = None) -> Ledger:
         else:
             total[key] = sum(values)
     return Ledger(rows=rows, total=total, warnings=warnings, prices_checked=prices.checked)
+
+
+def superseded(store: Store, job: str | None = None) -> list[tuple[Any, ...]]:
+    """(job, provider, model, live, input, output, cache read, cache write, cost) of answers paid for and then
+    asked again, summed per job, model and mode."""
+    where, args = ("WHERE job = ?", [job]) if job else ("", [])
+    return store.db.execute(
+        "SELECT job, provider, model, coalesce(via, 'batch') = 'live', total(input_tokens), "
+        "total(output_tokens), total(cache_read_tokens), total(cache_write_tokens), total(cost_usd) "
+        f"FROM superseded {where} GROUP BY 1, 2, 3, 4", args).fetchall()
 
 
 def _unsettled_cost(store: Store, price: Price, job: str, provider: str, model: str) -> float:
@@ -498,6 +516,9 @@ def job_summaries(store: Store, job: str | None = None) -> dict[str, dict[str, A
         else:
             s["final"] += n
             s["n_cost"] += n_cost
+    for name, *_, cost in superseded(store, job):
+        if name in sums:
+            sums[name]["cost"] += cost  # paid answers asked again count too
     out: dict[str, dict[str, Any]] = {}
     for name in sorted(sums):
         s = sums[name]

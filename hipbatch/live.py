@@ -332,7 +332,10 @@ def run_live(store: Store, template: Template, provider: Provider, model: str, p
 
 def _work_rows(store: Store, job: str, names: list[str]) -> Iterator[dict[str, Any]]:
     for start in range(0, len(names), WORK_CHUNK):
-        yield from store.live_work(job, names[start:start + WORK_CHUNK])
+        rows = list(store.live_work(job, names[start:start + WORK_CHUNK]))
+        # A paid answer asked again (truncated, extraction_failed) stays in the ledger as superseded.
+        store.supersede_answers([r["custom_id"] for r in rows if r["state"] != RequestState.PENDING])
+        yield from rows
 
 
 def _items(store: Store, template: Template, provider: Provider, model: str, params: dict[str, Any],

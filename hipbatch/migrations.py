@@ -130,3 +130,16 @@ def m002_status_covering_indexes(db: Database) -> None:
     db.table("requests").create_index(["job", "state", "cost_usd", "est_cost_usd"])
     db.execute("DROP INDEX IF EXISTS idx_requests_state")
     db.table("requests").create_index(["state", "batch_id", "error_code"])
+
+
+@migrations()
+def m003_superseded_answers(db: Database) -> None:
+    # A paid answer that `retry` or live mode asks again (truncated, extraction_failed) moves its tokens and
+    # cost here before the new answer overwrites them, so the ledger counts every answer paid for, once.
+    db.table("superseded").create(
+        {"id": int, "custom_id": str, "job": str, "provider": str, "model": str, "batch_id": str, "via": str,
+         "input_tokens": int, "output_tokens": int, "cache_read_tokens": int, "cache_write_tokens": int,
+         "cost_usd": float, "answered_at": float, "superseded_at": float},
+        pk="id",
+    )
+    db.table("superseded").create_index(["job", "provider", "model"])

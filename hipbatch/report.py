@@ -172,10 +172,12 @@ def bars_svg(items: list[tuple[str, float, str]], fmt: Any = str, width: int = 7
 def _cost_parts(store: Store, prices: PriceTable, job: str) -> list[tuple[str, float, str]]:
     """The actual cost split into input, cache reads, cache writes and output (all models of the job)."""
     parts = {"input": 0.0, "cache reads": 0.0, "cache writes": 0.0, "output": 0.0}
+    columns = "provider, model, via, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens"
     for provider, model, live, tin, tout, tcr, tcw in store.db.execute(
         "SELECT provider, model, coalesce(via, 'batch') = 'live', sum(input_tokens), sum(output_tokens), "
-        "sum(cache_read_tokens), sum(cache_write_tokens) FROM requests WHERE job = ? AND state NOT IN (?, ?) "
-        "GROUP BY 1, 2, 3", [job, RequestState.PENDING, RequestState.SUBMITTED],
+        f"sum(cache_read_tokens), sum(cache_write_tokens) FROM (SELECT {columns} FROM requests WHERE job = ? "
+        f"AND state NOT IN (?, ?) UNION ALL SELECT {columns} FROM superseded WHERE job = ?) GROUP BY 1, 2, 3",
+        [job, RequestState.PENDING, RequestState.SUBMITTED, job],
     ):
         price = prices.lookup(provider, model)
         if price is None:

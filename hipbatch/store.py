@@ -206,10 +206,31 @@ class Store:
                 self.table("requests").insert_all(chunk, pk="custom_id", batch_size=CHUNK, ignore=True)
         return shard_id
 
+    def supersede_answers(self, custom_ids: Sequence[str]) -> int:
+        """Before requests are asked again, move the tokens and cost of their current (paid) answers to the
+        superseded table, in one transaction: the ledger then counts both answers, each once."""
+        now = time.time()
+        moved = 0
+        with self.db.atomic():
+            for chunk in _chunks(custom_ids, 900):
+                where = f"custom_id IN ({','.join('?' * len(chunk))}) AND (input_tokens > 0 OR output_tokens > 0)"
+                moved += self.db.execute(
+                    "INSERT INTO superseded (custom_id, job, provider, model, batch_id, via, input_tokens, "
+                    "output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, answered_at, superseded_at) "
+                    "SELECT custom_id, job, provider, model, batch_id, via, input_tokens, output_tokens, "
+                    f"cache_read_tokens, cache_write_tokens, cost_usd, answered_at, ? FROM requests WHERE {where}",
+                    [now, *chunk]).rowcount
+                self.db.execute(
+                    "UPDATE requests SET input_tokens = 0, output_tokens = 0, cache_read_tokens = 0, "
+                    f"cache_write_tokens = 0, cost_usd = NULL WHERE {where}", list(chunk))
+        return moved
+
     def move_requests_to_shard(self, custom_ids: Sequence[str], shard: dict[str, Any]) -> int:
-        """Record a retry shard: the requests go back to pending in it, their attempt counted."""
+        """Record a retry shard: the requests go back to pending in it, their attempt counted, any paid
+        answer they had kept in the superseded table."""
         now = time.time()
         with self.db.atomic():
+            self.supersede_answers(custom_ids)
             table = self.table("shards")
             table.insert({**shard, "state": ShardState.QUEUED, "created_at": now, "updated_at": now})
             shard_id = int(table.last_pk)  # type: ignore[arg-type]

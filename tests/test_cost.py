@@ -16,7 +16,7 @@ from hipbatch.cost import LEDGER_KEYS, load_prices, usd
 from hipbatch.emulator import LocalBatchServer
 from hipbatch.render import REPO_ROOT
 from hipbatch.store import Store
-from tests.conftest import cli, make_hip_dir
+from tests.conftest import cli, make_hip_dir, read_dataset
 
 MODEL = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}  # the default template's models
 
@@ -329,3 +329,28 @@ def test_batch_refused_as_a_whole_shows_its_reason(openai_env: LocalBatchServer,
     cli("submit", hip_dir)
     row = json.loads(cli("status", "--json").stdout)[0]
     assert row["status"] == "failed" and row["top_error"]["reason"].startswith("batch failed:")
+
+
+@pytest.mark.parametrize("mode", ["retry", "live"])
+def test_paid_answers_asked_again_stay_in_the_ledger(openai_env: LocalBatchServer, hip_dir: Path, mode: str) -> None:
+    """A truncated answer is paid for; asking again (retry or live) must not drop it from the ledger."""
+    openai_env.config.forms = "truncated"
+    cli("submit", hip_dir)
+    cli("collect", "--wait", "--poll-interval", "0.05")
+    first = json.loads(cli("cost", "--json").stdout)["total"]
+    assert first["output_tokens"] == openai_env.stats.output_tokens > 0
+    openai_env.config.forms = "tag"
+    if mode == "retry":
+        cli("retry", "--only", "truncated")
+        summary = json.loads(cli("collect", "--wait", "--poll-interval", "0.05", "--json").stdout)
+    else:
+        summary = json.loads(cli("run", hip_dir, "--json").stdout)
+    assert read_dataset(Path("data/generated_prompts.json")) and summary
+    total = json.loads(cli("cost", "--json").stdout)["total"]
+    # every answer the server billed, both attempts, counted once each
+    assert total["input_tokens"] == openai_env.stats.input_tokens
+    assert total["output_tokens"] == openai_env.stats.output_tokens
+    assert total["input_tokens"] > first["input_tokens"] and total["cost_usd"] > first["cost_usd"]
+    again = json.loads(cli("cost", "--json").stdout)["total"]
+    cli("collect")
+    assert json.loads(cli("cost", "--json").stdout)["total"] == again  # re-collect changes nothing
