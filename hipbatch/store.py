@@ -2,7 +2,8 @@
 
 Tables: jobs (one per --job), files (job, file_name -> custom_id or skip reason), requests (one row per
 custom_id: state, batch, reply, extracted prompt, usage, cost), shards (JSONL files and their submit
-intents), batches (provider batches and their last known status).
+intents), batches (provider batches and their last known status), superseded (tokens and cost of paid
+answers that were asked again).
 """
 
 from __future__ import annotations
