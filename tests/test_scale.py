@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,12 @@ TEXTS = [
 def test_line_encoder_matches_request_id_and_json_dumps(provider: str, params: dict[str, Any]) -> None:
     adapter = get_provider(ProviderSettings(name=provider, key_env="UNUSED"))
     encoder = LineEncoder(adapter, "model-1", params)
+    ids = set()
     for system, user in TEXTS:
         cid, line = encoder.encode(system, user)
         assert cid == request_id(provider, adapter.endpoint, "model-1", params, system, user)
+        assert re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cid), cid  # Anthropic's rule, whatever the text
+        ids.add(cid)
         expected = (
             json.dumps(
                 adapter.to_line(cid, "model-1", params, system, user),
@@ -50,6 +54,7 @@ def test_line_encoder_matches_request_id_and_json_dumps(provider: str, params: d
             + "\n"
         )
         assert line == expected.encode("utf-8")
+    assert len(ids) == len(TEXTS)  # different text, different id
 
 
 def test_line_encoder_falls_back_when_a_provider_rewrites_the_text() -> None:
