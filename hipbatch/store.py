@@ -165,16 +165,6 @@ class Store:
             self.db.execute(f"DELETE FROM files WHERE job = ? AND file_name IN ({marks})", [job, *chunk])
         return len(gone)
 
-    def forget_files_except(self, job: str, keep: set[str] | None) -> None:
-        """Drop file rows of files no longer present (only when the whole folder was scanned)."""
-        if keep is None:
-            return
-        gone = [r[0] for r in self.db.execute("SELECT file_name FROM files WHERE job = ?", [job])
-                if r[0] not in keep]
-        for chunk in _chunks(gone, 500):
-            marks = ",".join("?" * len(chunk))
-            self.db.execute(f"DELETE FROM files WHERE job = ? AND file_name IN ({marks})", [job, *chunk])
-
     def skipped_files(self, job: str | None = None) -> list[dict[str, Any]]:
         where, args = "skip_reason IS NOT NULL", []
         if job:
