@@ -51,15 +51,10 @@ def _name(i: int) -> str:
 def _fill(store: Store, job: str, n: int, per_shard: int, salt: str) -> list[tuple[dict[str, Any], int]]:
     """n requests of job in shards of per_shard, each in a provider batch; returns (shard, first index)."""
     template = load_template(REPO / "templates" / "default")
-    store.upsert_job(
-        job, provider="openai", model=MODEL, input_dir="/nonexistent", template_dir=str(template.path)
-    )
+    store.upsert_job(job, provider="openai", model=MODEL, input_dir="/nonexistent", template_dir=str(template.path))
     stamp = 1.0
     store.record_files(
-        (
-            {"job": job, "file_name": _name(i), "custom_id": _cid(i, salt), "skip_reason": None}
-            for i in range(n)
-        ),
+        ({"job": job, "file_name": _name(i), "custom_id": _cid(i, salt), "skip_reason": None} for i in range(n)),
         stamp,
     )
     shards = []

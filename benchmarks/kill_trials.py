@@ -89,9 +89,7 @@ class Runner:
         raise SystemExit(f"`hipbatch {' '.join(args)}` kept failing; see {self.log}")
 
 
-def trial(
-    provider: str, files: int, per_batch: int, kills: int, fault_rate: float, seed: int
-) -> dict[str, Any]:
+def trial(provider: str, files: int, per_batch: int, kills: int, fault_rate: float, seed: int) -> dict[str, Any]:
     """One provider's run: returns the figures of the table."""
     rng = random.Random(seed)
     started = time.monotonic()

@@ -125,16 +125,12 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(
-        f"{args.requests} requests, {args.latency * 1000:.0f} ms per live call "
-        "(local batch server, OpenAI SDK)\n"
-    )
+    print(f"{args.requests} requests, {args.latency * 1000:.0f} ms per live call (local batch server, OpenAI SDK)\n")
     print("| --max-workers | server | live phase | answers/s | speedup | HTTP calls | whole command |")
     print("|---:|---|---:|---:|---:|---:|---:|")
     for row in rows:
         server_note = (
-            f"{row['rate_429']:.0%} of calls 429 ({row['rate_limited']} seen, pool paused "
-            f"{row['paused_s']:.1f}s)"
+            f"{row['rate_429']:.0%} of calls 429 ({row['rate_limited']} seen, pool paused {row['paused_s']:.1f}s)"
             if row["rate_429"]
             else "no errors"
         )

@@ -112,9 +112,7 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: f
                 check=True,
             )
         seconds, rss_kb, code = json.loads(result.read_text())
-        m = Measure(
-            seconds, rss_kb / 1024, code, out.read_text(errors="replace"), err.read_text(errors="replace")
-        )
+        m = Measure(seconds, rss_kb / 1024, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
     if m.code != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {m.code}\n{m.stderr[-3000:]}")
     return m
@@ -247,9 +245,7 @@ def bench_resubmit(n: int, work: Path, repeat: int, dry: Row | None) -> list[Row
         log(f"resubmit {n}: unchanged folder")
         m = best(repeat, lambda: run(hipbatch(state, "submit", str(corpus), "--json"), work, env))
         report = json.loads(m.stdout)
-        assert report["prepare"]["new"] == 0 and sum(server.stats.sent.values()) == sent, (
-            "re-submit sent requests"
-        )
+        assert report["prepare"]["new"] == 0 and sum(server.stats.sent.values()) == sent, "re-submit sent requests"
     if dry is None:
         dry = bench_dry_run(n, work, repeat)
     ratio = m.seconds / dry.seconds
@@ -296,9 +292,7 @@ def bench_cycle(n: int, work: Path) -> list[Row]:
         s = run(hipbatch(state, "submit", str(corpus), "--json"), work, env)
         log(f"cycle {n}: collect --wait")
         c = run(
-            hipbatch(
-                state, "collect", "--wait", "--poll-interval", "0.2", "--json", "--output-file", str(out)
-            ),
+            hipbatch(state, "collect", "--wait", "--poll-interval", "0.2", "--json", "--output-file", str(out)),
             work,
             env,
         )
@@ -471,9 +465,7 @@ def notes(rows: list[Row]) -> str:
         lines.append("- Missed: " + "; ".join(_miss(r) for r in missed) + ".")
     lines.append("- The machine is shared: the same command varies by 10-20% from run to run.")
     indent = [
-        textwrap.fill(
-            line, 110, subsequent_indent="  " if line.startswith("- ") else "", break_on_hyphens=False
-        )
+        textwrap.fill(line, 110, subsequent_indent="  " if line.startswith("- ") else "", break_on_hyphens=False)
         for line in lines
     ]
     return "\n".join(indent)
@@ -510,17 +502,13 @@ def write_readme(text: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
     parser.add_argument("--only", action="append", choices=NAMES, help="run only these benchmarks")
     parser.add_argument("--repeat", type=int, default=None, help="runs per measurement (best is kept)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     parser.add_argument("--from-json", type=Path, help="measure nothing: report the rows saved by --json")
-    parser.add_argument(
-        "--readme", action="store_true", help="put the report under '## Benchmarks' in README.md"
-    )
+    parser.add_argument("--readme", action="store_true", help="put the report under '## Benchmarks' in README.md")
     args = parser.parse_args()
     if args.from_json:
         data = json.loads(args.from_json.read_text())
@@ -542,9 +530,7 @@ def measure(args: argparse.Namespace) -> tuple[str, list[Row]]:
     CACHE.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(CACHE).free / 1e9
     if not args.quick and free < 5:
-        sys.exit(
-            f"Error: only {free:.1f} GB free under {CACHE}; the full run needs about 5 GB (or use --quick)"
-        )
+        sys.exit(f"Error: only {free:.1f} GB free under {CACHE}; the full run needs about 5 GB (or use --quick)")
     rows: list[Row] = []
     dry: dict[int, Row] = {}
     with tempfile.TemporaryDirectory(prefix="hipbatch-bench-") as tmp:
@@ -579,10 +565,7 @@ def measure(args: argparse.Namespace) -> tuple[str, list[Row]]:
         if "drain" in only:
             rows += bench_drain(sizes["drain"], work)
     command = f"python benchmarks/run.py{' --quick' if args.quick else ''}"
-    header = (
-        f"`{command}` on {machine()}; best of {repeat} runs, each command in its own process "
-        "(imports included)."
-    )
+    header = f"`{command}` on {machine()}; best of {repeat} runs, each command in its own process (imports included)."
     return header, rows
 
 

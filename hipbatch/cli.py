@@ -92,12 +92,16 @@ def version_callback(value: bool) -> None:
 @app.callback()
 def main_callback(
     ctx: typer.Context,
-    state_dir: Annotated[Path, typer.Option(envvar="HIPBATCH_STATE_DIR", help="Where the store, shards and "
-                                            "results live.")] = Path("state"),
-    config: Annotated[Path | None, typer.Option("--config", help="Config file (default: ./hipbatch.toml or "
-                                                 "./config.json if present).")] = None,
-    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    state_dir: Annotated[
+        Path, typer.Option(envvar="HIPBATCH_STATE_DIR", help="Where the store, shards and results live.")
+    ] = Path("state"),
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="Config file (default: ./hipbatch.toml or ./config.json if present)."),
+    ] = None,
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """hipbatch: batch LLM prompt generation for HIP kernels."""
     ctx.obj = Settings(state_dir=state_dir, config_path=config)
@@ -133,19 +137,30 @@ def submit(
     glob: Annotated[str, typer.Option("--glob", help="Files to take, relative to INPUT_DIR.")] = "**/*.hip",
     limit: Annotated[int | None, typer.Option(min=1, help="Take only the first N files (sorted).")] = None,
     job: Annotated[str | None, typer.Option(help="Job name (default: the input folder's name).")] = None,
-    max_requests_per_batch: Annotated[int | None, typer.Option(min=1, help="Cap per batch (the provider's "
-                                                               "limit applies anyway).")] = None,
-    max_in_flight_batches: Annotated[int | None, typer.Option(min=1, help="Batches at the provider at once; "
-                                                              "the rest wait in the local queue.")] = None,
-    max_enqueued_tokens: Annotated[int | None, typer.Option(min=1, help="Estimated input tokens enqueued per "
-                                                            "model at once (the provider's quota).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Render and write shards only: no network, "
-                                          "no key.")] = False,
-    force: Annotated[bool, typer.Option("--force", help="Resubmit shards whose earlier submit cannot be "
-                                        "told apart at the provider.")] = False,
-    max_cost: Annotated[float | None, typer.Option("--max-cost", min=0, help="Budget in USD: refuse, before "
-                                                   "any upload, when the estimated worst case is over it.")
-                        ] = None,
+    max_requests_per_batch: Annotated[
+        int | None, typer.Option(min=1, help="Cap per batch (the provider's limit applies anyway).")
+    ] = None,
+    max_in_flight_batches: Annotated[
+        int | None, typer.Option(min=1, help="Batches at the provider at once; the rest wait in the local queue.")
+    ] = None,
+    max_enqueued_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help="Estimated input tokens enqueued per model at once (the provider's quota)."),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Render and write shards only: no network, no key.")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Resubmit shards whose earlier submit cannot be told apart at the provider.")
+    ] = False,
+    max_cost: Annotated[
+        float | None,
+        typer.Option(
+            "--max-cost",
+            min=0,
+            help="Budget in USD: refuse, before any upload, when the estimated worst case is over it.",
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Render every file of INPUT_DIR and send the requests not sent before, in batches.
@@ -153,9 +168,23 @@ def submit(
     Example: hipbatch submit kernels/ --provider openai --model gpt-4o-mini
     """
     settings: Settings = ctx.obj
-    report = do_submit(settings, input_dir, provider.value, model, template_dir, glob, limit, job,
-                       max_requests_per_batch, max_in_flight_batches, max_enqueued_tokens, dry_run, force,
-                       json_out, max_cost=max_cost)
+    report = do_submit(
+        settings,
+        input_dir,
+        provider.value,
+        model,
+        template_dir,
+        glob,
+        limit,
+        job,
+        max_requests_per_batch,
+        max_in_flight_batches,
+        max_enqueued_tokens,
+        dry_run,
+        force,
+        json_out,
+        max_cost=max_cost,
+    )
     if json_out:
         _print_json(report)
     _exit_if_unsent(report.get("feed"))
@@ -167,10 +196,23 @@ def _exit_if_unsent(fed: dict[str, Any] | None) -> None:
         raise typer.Exit(1)
 
 
-def do_submit(settings: Settings, input_dir: Path, provider: str, model: str | None, template_dir: Path,
-              glob: str, limit: int | None, job: str | None, max_requests_per_batch: int | None,
-              max_in_flight_batches: int | None, max_enqueued_tokens: int | None, dry_run: bool,
-              force: bool, quiet: bool, max_cost: float | None = None) -> dict[str, Any]:
+def do_submit(
+    settings: Settings,
+    input_dir: Path,
+    provider: str,
+    model: str | None,
+    template_dir: Path,
+    glob: str,
+    limit: int | None,
+    job: str | None,
+    max_requests_per_batch: int | None,
+    max_in_flight_batches: int | None,
+    max_enqueued_tokens: int | None,
+    dry_run: bool,
+    force: bool,
+    quiet: bool,
+    max_cost: float | None = None,
+) -> dict[str, Any]:
     from hipbatch import cost
     from hipbatch.poll import retrying
     from hipbatch.render import iter_discover, load_template
@@ -189,12 +231,35 @@ def do_submit(settings: Settings, input_dir: Path, provider: str, model: str | N
         prices = cost.load_prices(config)
         if max_cost is not None and not dry_run:
             # The budget is checked on a dry run first, so an over-budget run leaves nothing queued behind.
-            trial = prepare(store, template, adapter, chosen_model, params, input_dir, job_name, glob, limit,
-                            max_requests_per_batch, True, _progress(quiet))
-            cost.check_budget(cost.for_prepare(store, prices, trial), max_cost,
-                              cost.queued_commitment(store, prices))
-        prep = prepare(store, template, adapter, chosen_model, params, input_dir, job_name, glob, limit,
-                       max_requests_per_batch, dry_run, _progress(quiet))
+            trial = prepare(
+                store,
+                template,
+                adapter,
+                chosen_model,
+                params,
+                input_dir,
+                job_name,
+                glob,
+                limit,
+                max_requests_per_batch,
+                True,
+                _progress(quiet),
+            )
+            cost.check_budget(cost.for_prepare(store, prices, trial), max_cost, cost.queued_commitment(store, prices))
+        prep = prepare(
+            store,
+            template,
+            adapter,
+            chosen_model,
+            params,
+            input_dir,
+            job_name,
+            glob,
+            limit,
+            max_requests_per_batch,
+            dry_run,
+            _progress(quiet),
+        )
         est = cost.for_prepare(store, prices, prep)
         out: dict[str, Any] = {"prepare": asdict(prep), "estimate": asdict(est)}
         if not quiet:
@@ -226,16 +291,20 @@ def _print_prepare(prep: Any, est: Any = None) -> None:
         err(f"  skipped {name}: {reason}")
     tokens = est.input_tokens if est is not None else prep.est_input_tokens  # calibrated once results exist
     if prep.dry_run:
-        err(f"Dry run: {prep.new} requests to send in {len(prep.shards)} shards "
+        err(
+            f"Dry run: {prep.new} requests to send in {len(prep.shards)} shards "
             f"({prep.known} already in the store); estimated input tokens {tokens:,}, "
-            f"output at most {prep.new * prep.max_tokens:,}")
+            f"output at most {prep.new * prep.max_tokens:,}"
+        )
         for shard in prep.shards:
             err(f"  {shard}")
     elif prep.new == 0:
         err(f"Nothing new to send: all {prep.requests} requests are already in the store.")
     else:
-        err(f"{prep.new} new requests in {len(prep.shards)} shards ({prep.known} already in the store); "
-            f"estimated input tokens {tokens:,}")
+        err(
+            f"{prep.new} new requests in {len(prep.shards)} shards ({prep.known} already in the store); "
+            f"estimated input tokens {tokens:,}"
+        )
     if est is not None and prep.new:
         from hipbatch.cost import estimate_lines
 
@@ -275,11 +344,19 @@ def status(
     ctx: typer.Context,
     job: Annotated[str | None, typer.Option(help="Only this job.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON array of batches.")] = False,
-    watch: Annotated[bool, typer.Option("--watch", help="Refresh until every batch is finished, sending "
-                                        "queued shards as capacity frees.")] = False,
+    watch: Annotated[
+        bool,
+        typer.Option("--watch", help="Refresh until every batch is finished, sending queued shards as capacity frees."),
+    ] = False,
     interval: Annotated[float, typer.Option(min=0.05, help="Seconds between refreshes with --watch.")] = 30.0,
-    show_all: Annotated[bool, typer.Option("--all", help=f"List every batch (by default, past {TABLE_ROWS} "
-                                           "batches, older collected ones are summed up in one line).")] = False,
+    show_all: Annotated[
+        bool,
+        typer.Option(
+            "--all",
+            help=f"List every batch (by default, past {TABLE_ROWS} "
+            "batches, older collected ones are summed up in one line).",
+        ),
+    ] = False,
 ) -> None:
     """Refresh unfinished batches and show where every batch stands.
 
@@ -340,13 +417,24 @@ def do_status(settings: Settings, store: Any, job: str | None, windows: Any = No
     now = time.time()
     rows = []
     for b in store.batches(job=job):
-        rows.append({
-            "job": b["job"], "batch_id": b["id"], "provider": b["provider"], "model": b["model"],
-            "status": b["status"], "is_final": bool(b["is_final"]), "done": b["done"], "failed": b["failed"],
-            "total": b["total"], "counts_final_only": bool(b["counts_final_only"]),
-            "created_at": b["created_at"], "age_seconds": round(now - (b["created_at"] or now), 1),
-            "expires_at": b["expires_at"], "collected": bool(b["collected"]),
-        })
+        rows.append(
+            {
+                "job": b["job"],
+                "batch_id": b["id"],
+                "provider": b["provider"],
+                "model": b["model"],
+                "status": b["status"],
+                "is_final": bool(b["is_final"]),
+                "done": b["done"],
+                "failed": b["failed"],
+                "total": b["total"],
+                "counts_final_only": bool(b["counts_final_only"]),
+                "created_at": b["created_at"],
+                "age_seconds": round(now - (b["created_at"] or now), 1),
+                "expires_at": b["expires_at"],
+                "collected": bool(b["collected"]),
+            }
+        )
     batch_figures, job_summaries = cost.glance(store, job, now)  # expiry, top error, per-job totals
     for row in rows:
         row.update(batch_figures.get(row["batch_id"], {}), job_summary=job_summaries.get(row["job"]))
@@ -388,8 +476,18 @@ def _status_renderable(rows: list[dict[str, Any]], store: Any, job: str | None, 
         return Text("No batches yet. Send some with `hipbatch submit DIR`.")
     summaries = {r["job"]: r.get("job_summary") for r in rows}
     lines: list[Any] = [Text(summary_line(name, s)) for name, s in summaries.items() if s]
-    table = Table("job", "batch id", "provider", "model", "status", "done / failed / total", "created", "age",
-                  "expires in", "top error")
+    table = Table(
+        "job",
+        "batch id",
+        "provider",
+        "model",
+        "status",
+        "done / failed / total",
+        "created",
+        "age",
+        "expires in",
+        "top error",
+    )
     hidden = 0
     if not show_all and len(rows) > TABLE_ROWS:
         done = [i for i, r in enumerate(rows) if r["is_final"] and r["collected"]]
@@ -406,19 +504,38 @@ def _status_renderable(rows: list[dict[str, Any]], store: Any, job: str | None, 
         expires_text = "-" if expires is None else ("overdue" if expires <= 0 else _fmt_age(expires))
         top = r.get("top_error")
         top_text = f"{top['reason']} ({top['count']}): {top['message'] or ''}"[:90] if top else ""
-        table.add_row(r["job"], r["batch_id"], r["provider"], r["model"], r["status"], counts, created,
-                      _fmt_age(r["age_seconds"]), expires_text, top_text)
+        table.add_row(
+            r["job"],
+            r["batch_id"],
+            r["provider"],
+            r["model"],
+            r["status"],
+            counts,
+            created,
+            _fmt_age(r["age_seconds"]),
+            expires_text,
+            top_text,
+        )
     lines.append(table)
     if hidden:
-        lines.append(Text(f"... and {hidden} older finished and collected batches (`hipbatch status --all` lists "
-                          "them; `--json` always has every batch)"))
+        lines.append(
+            Text(
+                f"... and {hidden} older finished and collected batches (`hipbatch status --all` lists "
+                "them; `--json` always has every batch)"
+            )
+        )
     counts: dict[str, int] = {}  # per state, from the job summaries already computed (no second scan)
     for summary in summaries.values():
         for state, n in (summary or {}).get("states", {}).items():
             counts[state] = counts.get(state, 0) + n
     queued = len(store.shards_in_states(["queued"]))
-    lines.append(Text("requests: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-                      + (f"; {queued} shard(s) queued locally" if queued else "")))
+    lines.append(
+        Text(
+            "requests: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            + (f"; {queued} shard(s) queued locally" if queued else "")
+        )
+    )
     return Group(*lines)
 
 
@@ -435,23 +552,32 @@ def collect(
     wait: Annotated[bool, typer.Option("--wait", help="Poll until every batch is finished.")] = False,
     poll_interval: Annotated[float, typer.Option(min=0.01, help="Seconds between polls with --wait.")] = 60.0,
     timeout: Annotated[float | None, typer.Option(help="Give up waiting after this many seconds.")] = None,
-    reextract: Annotated[bool, typer.Option("--reextract", help="Re-run the extractor over stored replies "
-                                            "(no network).")] = False,
+    reextract: Annotated[
+        bool, typer.Option("--reextract", help="Re-run the extractor over stored replies (no network).")
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Download finished batches, extract the prompts and write the dataset.
 
     Example: hipbatch collect --wait --poll-interval 60 --output-file data/prompts.json
     """
-    summary = do_collect(ctx.obj, output_file, format.value, job, wait, poll_interval, timeout, reextract,
-                         json_out)
+    summary = do_collect(ctx.obj, output_file, format.value, job, wait, poll_interval, timeout, reextract, json_out)
     if json_out:
         _print_json(summary)
 
 
-def do_collect(settings: Settings, output_file: Path, fmt: str, job: str | None, wait: bool,
-               poll_interval: float, timeout: float | None, reextract: bool, quiet: bool,
-               windows: Any = None) -> dict[str, Any]:
+def do_collect(
+    settings: Settings,
+    output_file: Path,
+    fmt: str,
+    job: str | None,
+    wait: bool,
+    poll_interval: float,
+    timeout: float | None,
+    reextract: bool,
+    quiet: bool,
+    windows: Any = None,
+) -> dict[str, Any]:
     from hipbatch import collect as c
     from hipbatch import cost
     from hipbatch.drain import Windows, stalled
@@ -492,16 +618,20 @@ def do_collect(settings: Settings, output_file: Path, fmt: str, job: str | None,
             if not wait or (not unfinished and not queued and not 0 < stuck < 5):
                 break
             if idle >= 5:
-                err(f"Stopped waiting: {len(queued)} shard(s) queued could not be sent (see the warnings above); "
-                    "fix the cause and run the same command again.")
+                err(
+                    f"Stopped waiting: {len(queued)} shard(s) queued could not be sent (see the warnings above); "
+                    "fix the cause and run the same command again."
+                )
                 break
             if deadline is not None and time.monotonic() > deadline:
                 err(f"Stopped waiting after {timeout}s; {len(unfinished)} batch(es) still running.")
                 break
             if not quiet:
                 done = sum(1 for _ in store.batches()) - len(unfinished)
-                err(f"Waiting: {len(unfinished)} batch(es) running, {done} finished, {len(queued)} shard(s) "
-                    f"queued; next check in {poll_interval:g}s")
+                err(
+                    f"Waiting: {len(unfinished)} batch(es) running, {done} finished, {len(queued)} shard(s) "
+                    f"queued; next check in {poll_interval:g}s"
+                )
             time.sleep(poll_interval)
     with _locked(store):
         records = c.write_dataset(store, output_file, fmt, job)
@@ -510,20 +640,30 @@ def do_collect(settings: Settings, output_file: Path, fmt: str, job: str | None,
         skipped = store.skipped_files(job)
         spent = cost.ledger(store, prices, job).total if prices is not None else None
     pending = counts.get("pending", 0) + counts.get("submitted", 0)
-    summary.update(output_file=str(output_file), records=records, succeeded=counts.get("succeeded", 0),
-                   failed=sum(reasons.values()), failed_by_reason=reasons, pending=pending,
-                   skipped_files=len(skipped))
+    summary.update(
+        output_file=str(output_file),
+        records=records,
+        succeeded=counts.get("succeeded", 0),
+        failed=sum(reasons.values()),
+        failed_by_reason=reasons,
+        pending=pending,
+        skipped_files=len(skipped),
+    )
     if not quiet:
         err(f"Wrote {records} records to {output_file}")
-        err(f"succeeded {summary['succeeded']}, failed {summary['failed']}, pending {pending}"
-            + (f", skipped files {len(skipped)}" if skipped else ""))
+        err(
+            f"succeeded {summary['succeeded']}, failed {summary['failed']}, pending {pending}"
+            + (f", skipped files {len(skipped)}" if skipped else "")
+        )
         for reason, n in reasons.items():
             err(f"  {reason}: {n}")
         if summary["failed"]:
             err("Resend the failed ones with `hipbatch retry`.")
         if spent is not None and spent["cost_usd"] is not None:
-            err(f"Cost so far {cost.usd(spent['cost_usd'])} (live calls would have cost "
-                f"{cost.usd(spent['live_equivalent_usd'])}); details: `hipbatch cost`")
+            err(
+                f"Cost so far {cost.usd(spent['cost_usd'])} (live calls would have cost "
+                f"{cost.usd(spent['live_equivalent_usd'])}); details: `hipbatch cost`"
+            )
     return summary
 
 
@@ -539,8 +679,7 @@ def _queue_window(config: Any, windows: Any = None) -> Any:
 def cost_command(
     ctx: typer.Context,
     job: Annotated[str | None, typer.Option(help="Only this job.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help='Print {"rows": [...], "total": {...}} on '
-                                           "stdout.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help='Print {"rows": [...], "total": {...}} on stdout.')] = False,
 ) -> None:
     """Show what each job and model cost: tokens, actual cost, cost still in flight, and the live price.
 
@@ -551,8 +690,10 @@ def cost_command(
     settings: Settings = ctx.obj
     store = settings.store()
     if job is not None and store.job(job) is None:
-        raise UsageError(f"--job {job}: no such job in {settings.state_dir} "
-                         f"(jobs: {', '.join(j['name'] for j in store.jobs()) or 'none yet'})")
+        raise UsageError(
+            f"--job {job}: no such job in {settings.state_dir} "
+            f"(jobs: {', '.join(j['name'] for j in store.jobs()) or 'none yet'})"
+        )
     prices = cost.load_prices(settings.config())
     with _locked(store):
         cost.settle(store, prices)
@@ -574,18 +715,38 @@ def _print_cost_table(led: Any, console: Any = None) -> None:
     if not led.rows:
         console.print("No requests yet. Estimate a run with `hipbatch submit DIR --dry-run`.")
         return
-    table = Table("job", "provider / model", "requests", "input", "output", "cache read", "cache write",
-                  "cost", "committed", "live equivalent")
+    table = Table(
+        "job",
+        "provider / model",
+        "requests",
+        "input",
+        "output",
+        "cache read",
+        "cache write",
+        "cost",
+        "committed",
+        "live equivalent",
+    )
     for r in [*led.rows, {**led.total, "job": "total", "provider": "", "model": ""}]:
         model = f"{r['provider']} / {r['model']}" if r["provider"] else ""
-        table.add_row(r["job"], model, f"{r['requests']:,}", f"{r['input_tokens']:,}",
-                      f"{r['output_tokens']:,}", f"{r['cache_read_tokens']:,}",
-                      f"{r['cache_write_tokens']:,}", usd(r["cost_usd"]), usd(r["committed_usd"]),
-                      usd(r["live_equivalent_usd"]))
+        table.add_row(
+            r["job"],
+            model,
+            f"{r['requests']:,}",
+            f"{r['input_tokens']:,}",
+            f"{r['output_tokens']:,}",
+            f"{r['cache_read_tokens']:,}",
+            f"{r['cache_write_tokens']:,}",
+            usd(r["cost_usd"]),
+            usd(r["committed_usd"]),
+            usd(r["live_equivalent_usd"]),
+        )
     console.print(table)
-    err(f"Batch prices are half the live ones; price table checked {led.prices_checked} "
-        "(override in hipbatch.toml under [prices.PROVIDER.\"MODEL\"]). Committed = worst case of the "
-        "requests still queued or in flight.")
+    err(
+        f"Batch prices are half the live ones; price table checked {led.prices_checked} "
+        '(override in hipbatch.toml under [prices.PROVIDER."MODEL"]). Committed = worst case of the '
+        "requests still queued or in flight."
+    )
 
 
 @app.command("report")
@@ -593,8 +754,9 @@ def _print_cost_table(led: Any, console: Any = None) -> None:
 def report_command(
     ctx: typer.Context,
     job: Annotated[str | None, typer.Option(help="Job to report on (default: the only job).")] = None,
-    output: Annotated[Path | None, typer.Option("--output", help="HTML file to write (default: "
-                                                "report-JOB.html).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="HTML file to write (default: report-JOB.html).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Write a self-contained HTML page for a job: timeline, cost, failure reasons, sample prompts.
@@ -614,8 +776,10 @@ def report_command(
     if json_out:
         _print_json(asdict(done))
     else:
-        err(f"Wrote {done.output} ({done.bytes:,} bytes): cost {cost.usd(done.cost_usd)}, live equivalent "
-            f"{cost.usd(done.live_equivalent_usd)}. Open it in any browser; it needs no network.")
+        err(
+            f"Wrote {done.output} ({done.bytes:,} bytes): cost {cost.usd(done.cost_usd)}, live equivalent "
+            f"{cost.usd(done.live_equivalent_usd)}. Open it in any browser; it needs no network."
+        )
 
 
 def _safe_name(name: str) -> str:
@@ -638,14 +802,21 @@ class RetryReason(StrEnum):
 @reports_errors
 def retry(
     ctx: typer.Context,
-    only: Annotated[list[RetryReason] | None, typer.Option(
-        "--only", metavar="REASON", help="Only requests in this state: failed, expired, canceled, "
-        "extraction_failed, truncated or missing; repeat for several (default: all of them).")] = None,
-    max_attempts: Annotated[int | None, typer.Option(min=1, help="Skip requests already sent this many "
-                                                     "times.")] = None,
+    only: Annotated[
+        list[RetryReason] | None,
+        typer.Option(
+            "--only",
+            metavar="REASON",
+            help="Only requests in this state: failed, expired, canceled, "
+            "extraction_failed, truncated or missing; repeat for several (default: all of them).",
+        ),
+    ] = None,
+    max_attempts: Annotated[int | None, typer.Option(min=1, help="Skip requests already sent this many times.")] = None,
     job: Annotated[str | None, typer.Option(help="Only this job's requests.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Also resubmit shards whose earlier submit cannot "
-                                        "be told apart at the provider.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Also resubmit shards whose earlier submit cannot be told apart at the provider."),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Resubmit, in new batches, only the requests with no good answer (answers already paid are kept).
@@ -660,8 +831,7 @@ def retry(
     reasons = [r.value for r in only] if only else [r.value for r in RetryReason]
     store = settings.store()
     with _locked(store):
-        report = do_retry(store, Adapters(config), reasons, max_attempts, job,
-                          _queue_window(config, {}), force=force)
+        report = do_retry(store, Adapters(config), reasons, max_attempts, job, _queue_window(config, {}), force=force)
     fed = report.feed
     if json_out:
         _print_json(asdict(report))
@@ -669,8 +839,7 @@ def retry(
         picked = ", ".join(f"{k} {v}" for k, v in sorted(report.selected.items())) or "none"
         err(f"Requests to send again: {report.requests} ({picked}) in {len(report.shards)} new shard(s).")
         if report.skipped_max_attempts:
-            err(f"Skipped {report.skipped_max_attempts} request(s) already sent {max_attempts} times "
-                "(--max-attempts).")
+            err(f"Skipped {report.skipped_max_attempts} request(s) already sent {max_attempts} times (--max-attempts).")
         if fed is not None and (fed.created or fed.adopted):
             ids = fed.created + fed.adopted
             err(f"Created {len(ids)} batch(es): {', '.join(ids)}")
@@ -680,8 +849,10 @@ def retry(
         for line in fed.blocked if fed is not None else []:
             err(f"Warning: {line}")
     if report.unreadable:
-        err(f"Warning: {len(report.unreadable)} request(s) could not be resent: their line is missing from "
-            f"the shard files under {settings.state_dir}/shards (first: {report.unreadable[0]})")
+        err(
+            f"Warning: {len(report.unreadable)} request(s) could not be resent: their line is missing from "
+            f"the shard files under {settings.state_dir}/shards (first: {report.unreadable[0]})"
+        )
     if fed is not None:
         _print_feed_problems(fed)
         _exit_if_unsent(asdict(fed))
@@ -691,11 +862,15 @@ def retry(
 @reports_errors
 def cancel(
     ctx: typer.Context,
-    batch_ids: Annotated[list[str] | None, typer.Argument(metavar="BATCH_ID", help="Batches to cancel "
-                                                         "(default: every unfinished batch, and the local "
-                                                         "queue).", show_default=False)] = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (for scripts).")
-                   ] = False,
+    batch_ids: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="BATCH_ID",
+            help="Batches to cancel (default: every unfinished batch, and the local queue).",
+            show_default=False,
+        ),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (for scripts).")] = False,
     job: Annotated[str | None, typer.Option(help="Only this job's batches.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
@@ -712,8 +887,11 @@ def cancel(
     store = settings.store()
     if not batch_ids and not yes:
         targets = cancel_targets(store, None, job)
-        queued = [s for s in store.shards_in_states(["queued", "uploading", "uploaded", "creating"])
-                  if not job or s["job"] == job]
+        queued = [
+            s
+            for s in store.shards_in_states(["queued", "uploading", "uploaded", "creating"])
+            if not job or s["job"] == job
+        ]
         if not targets and not queued:
             err("Nothing to cancel: no unfinished batch and nothing queued.")
             if json_out:
@@ -721,9 +899,13 @@ def cancel(
             return
         for row in targets:
             err(f"  {row['id']}  {row['provider']}  {row['status']}  job {row['job']}")
-        typer.confirm(f"Cancel {len(targets)} unfinished batch(es)"
-                      + (f" and {len(queued)} shard(s) not sent yet" if queued else "") + "?",
-                      abort=True, err=True)
+        typer.confirm(
+            f"Cancel {len(targets)} unfinished batch(es)"
+            + (f" and {len(queued)} shard(s) not sent yet" if queued else "")
+            + "?",
+            abort=True,
+            err=True,
+        )
     with _locked(store):
         report = do_cancel(store, Adapters(config), batch_ids or None, job)
     if json_out:
@@ -734,16 +916,18 @@ def cancel(
         for batch_id in report.already_final:
             err(f"Already finished, nothing to cancel: {batch_id}")
         if report.adopted:
-            err(f"Found {len(report.adopted)} batch(es) of an interrupted submit: "
-                f"{', '.join(report.adopted)}")
+            err(f"Found {len(report.adopted)} batch(es) of an interrupted submit: {', '.join(report.adopted)}")
         if report.unqueued_shards:
-            err(f"Took {report.unqueued_shards} shard(s) ({report.unqueued_requests} requests) out of the "
-                "local queue; `hipbatch retry --only canceled` sends them later.")
+            err(
+                f"Took {report.unqueued_shards} shard(s) ({report.unqueued_requests} requests) out of the "
+                "local queue; `hipbatch retry --only canceled` sends them later."
+            )
         if report.cancelled:
-            err("Next: `hipbatch collect --wait` keeps what they finished; `hipbatch retry --only canceled` "
-                "sends the rest again.")
-        if not (report.cancelled or report.already_final or report.adopted or report.unqueued_shards
-                or report.errors):
+            err(
+                "Next: `hipbatch collect --wait` keeps what they finished; `hipbatch retry --only canceled` "
+                "sends the rest again."
+            )
+        if not (report.cancelled or report.already_final or report.adopted or report.unqueued_shards or report.errors):
             err("Nothing to cancel: no unfinished batch and nothing queued.")
     for line in report.errors:
         err(f"Warning: {line}")
@@ -757,19 +941,22 @@ def cancel(
 def run(
     ctx: typer.Context,
     input_dir: Annotated[Path, typer.Argument(help="Folder of source files.", show_default=False)],
-    provider: Annotated[ProviderName, typer.Option(help="API to call (any OpenAI-compatible server through "
-                                                   "OPENAI_BASE_URL).")] = ProviderName.openai,
+    provider: Annotated[
+        ProviderName, typer.Option(help="API to call (any OpenAI-compatible server through OPENAI_BASE_URL).")
+    ] = ProviderName.openai,
     model: Annotated[str | None, typer.Option(help="Model (default: config, then template).")] = None,
     template_dir: Annotated[Path, typer.Option(help="Template folder.")] = Path("templates/default"),
     glob: Annotated[str, typer.Option("--glob", help="Files to take, relative to INPUT_DIR.")] = "**/*.hip",
     limit: Annotated[int | None, typer.Option(min=1, help="Take only the first N files (sorted).")] = None,
     job: Annotated[str | None, typer.Option(help="Job name (default: the input folder's name).")] = None,
     max_workers: Annotated[int, typer.Option(min=1, max=256, help="Live calls at once.")] = 10,
-    max_requests_per_minute: Annotated[int | None, typer.Option(min=1, help="Pace the calls to this many "
-                                                                "per minute.")] = None,
-    max_tokens_per_minute: Annotated[int | None, typer.Option(min=1, help="Pace the calls to this many "
-                                                              "estimated tokens (input + max output) per "
-                                                              "minute.")] = None,
+    max_requests_per_minute: Annotated[
+        int | None, typer.Option(min=1, help="Pace the calls to this many per minute.")
+    ] = None,
+    max_tokens_per_minute: Annotated[
+        int | None,
+        typer.Option(min=1, help="Pace the calls to this many estimated tokens (input + max output) per minute."),
+    ] = None,
     output_file: Annotated[Path, typer.Option(help="Dataset file.")] = Path("data/generated_prompts.json"),
     format: Annotated[Format, typer.Option("--format", help="json (one array) or jsonl.")] = Format.json,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
@@ -782,8 +969,22 @@ def run(
 
     Example: hipbatch run kernels/ --limit 5 --max-workers 10
     """
-    summary = do_run(ctx.obj, input_dir, provider.value, model, template_dir, glob, limit, job, max_workers,
-                     max_requests_per_minute, max_tokens_per_minute, output_file, format.value, json_out)
+    summary = do_run(
+        ctx.obj,
+        input_dir,
+        provider.value,
+        model,
+        template_dir,
+        glob,
+        limit,
+        job,
+        max_workers,
+        max_requests_per_minute,
+        max_tokens_per_minute,
+        output_file,
+        format.value,
+        json_out,
+    )
     if json_out:
         _print_json(summary)
     if summary["fatal"]:
@@ -795,9 +996,22 @@ def run(
         raise typer.Exit(130)
 
 
-def do_run(settings: Settings, input_dir: Path, provider: str, model: str | None, template_dir: Path,
-           glob: str, limit: int | None, job: str | None, max_workers: int, requests_per_minute: int | None,
-           tokens_per_minute: int | None, output_file: Path, fmt: str, quiet: bool) -> dict[str, Any]:
+def do_run(
+    settings: Settings,
+    input_dir: Path,
+    provider: str,
+    model: str | None,
+    template_dir: Path,
+    glob: str,
+    limit: int | None,
+    job: str | None,
+    max_workers: int,
+    requests_per_minute: int | None,
+    tokens_per_minute: int | None,
+    output_file: Path,
+    fmt: str,
+    quiet: bool,
+) -> dict[str, Any]:
     from hipbatch import cost
     from hipbatch.collect import write_dataset
     from hipbatch.live import run_live
@@ -813,9 +1027,21 @@ def do_run(settings: Settings, input_dir: Path, provider: str, model: str | None
     store = settings.store()
     # Held for the whole run: a request taken from a queued shard must not go in a batch meanwhile.
     with _locked(store):
-        report = run_live(store, template, adapter, chosen_model, params, input_dir, job_name, glob, limit,
-                          max_workers, requests_per_minute, tokens_per_minute, show_progress=not quiet
-                          and sys.stderr.isatty())
+        report = run_live(
+            store,
+            template,
+            adapter,
+            chosen_model,
+            params,
+            input_dir,
+            job_name,
+            glob,
+            limit,
+            max_workers,
+            requests_per_minute,
+            tokens_per_minute,
+            show_progress=not quiet and sys.stderr.isatty(),
+        )
         cost.settle(store, cost.load_prices(config))
         records = write_dataset(store, output_file, fmt)
     summary = {**asdict(report), "output_file": str(output_file), "records": records}
@@ -826,15 +1052,21 @@ def do_run(settings: Settings, input_dir: Path, provider: str, model: str | None
 
 def _print_run(report: Any, output_file: Path, records: int) -> None:
     prep = report.prepare
-    err(f"{report.files} files in job {report.job}: {prep['requests']} requests for {report.provider} / "
-        f"{report.model}; {report.to_answer} to answer live (the others are answered or in a batch)")
+    err(
+        f"{report.files} files in job {report.job}: {prep['requests']} requests for {report.provider} / "
+        f"{report.model}; {report.to_answer} to answer live (the others are answered or in a batch)"
+    )
     for name, reason in prep["skipped"]:
         err(f"  skipped {name}: {reason}")
-    err(f"Live: succeeded {report.succeeded}, unusable {report.unusable}, failed {report.failed}, "
-        f"left {report.left} in {report.wall_s:.1f}s ({report.per_second:.1f}/s, {report.calls} calls)")
+    err(
+        f"Live: succeeded {report.succeeded}, unusable {report.unusable}, failed {report.failed}, "
+        f"left {report.left} in {report.wall_s:.1f}s ({report.per_second:.1f}/s, {report.calls} calls)"
+    )
     if report.rate_limited:
-        err(f"  rate limited {report.rate_limited} times: paused {report.paused_s:.1f}s, "
-            f"pool cut to {report.min_workers} at the lowest")
+        err(
+            f"  rate limited {report.rate_limited} times: paused {report.paused_s:.1f}s, "
+            f"pool cut to {report.min_workers} at the lowest"
+        )
     for code, n in sorted(report.errors.items()):
         err(f"  {code}: {n}")
     if report.changed:
@@ -858,11 +1090,13 @@ def drain(
     job: Annotated[str | None, typer.Option(help="Only this job's records in the dataset.")] = None,
     poll_interval: Annotated[float, typer.Option(min=0.01, help="Seconds between polls.")] = 60.0,
     timeout: Annotated[float | None, typer.Option(help="Stop after this many seconds (rerun to go on).")] = None,
-    max_in_flight_batches: Annotated[int | None, typer.Option(min=1, help="Batches at the provider at once "
-                                                              "(default: config, else 100).")] = None,
-    max_enqueued_tokens: Annotated[int | None, typer.Option(min=1, help="Estimated input tokens enqueued per "
-                                                            "model at once (default: config, else no limit)."
-                                                            )] = None,
+    max_in_flight_batches: Annotated[
+        int | None, typer.Option(min=1, help="Batches at the provider at once (default: config, else 100).")
+    ] = None,
+    max_enqueued_tokens: Annotated[
+        int | None,
+        typer.Option(min=1, help="Estimated input tokens enqueued per model at once (default: config, else no limit)."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
 ) -> None:
     """Send queued shards as capacity frees and collect batches as they finish, until nothing is left.
@@ -876,8 +1110,9 @@ def drain(
 
     settings: Settings = ctx.obj
     windows = Windows(settings.config(), max_in_flight_batches, max_enqueued_tokens)
-    summary = do_collect(settings, output_file, format.value, job, True, poll_interval, timeout, False,
-                         json_out, windows)
+    summary = do_collect(
+        settings, output_file, format.value, job, True, poll_interval, timeout, False, json_out, windows
+    )
     if json_out:
         _print_json(summary)
 
@@ -904,14 +1139,22 @@ def emulator(
     """
     from hipbatch.emulator import EmulatorConfig, LocalBatchServer
 
-    config = EmulatorConfig(seed=seed, polls_to_complete=polls_to_complete, fault_rate=fault_rate,
-                            request_error_rate=request_error_rate, forms=forms,
-                            enqueued_token_limit=enqueued_token_limit, live_latency_s=live_latency)
+    config = EmulatorConfig(
+        seed=seed,
+        polls_to_complete=polls_to_complete,
+        fault_rate=fault_rate,
+        request_error_rate=request_error_rate,
+        forms=forms,
+        enqueued_token_limit=enqueued_token_limit,
+        live_latency_s=live_latency,
+    )
     server = LocalBatchServer(port=port, config=config)
-    err(f"hipbatch emulator on {server.url}\n"
+    err(
+        f"hipbatch emulator on {server.url}\n"
         f"  OPENAI_BASE_URL={server.openai_base_url} OPENAI_API_KEY=test\n"
         f"  ANTHROPIC_BASE_URL={server.anthropic_base_url} ANTHROPIC_API_KEY=test\n"
-        "Ctrl-C to stop.")
+        "Ctrl-C to stop."
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -923,8 +1166,7 @@ def emulator(
 def demo(
     ctx: typer.Context,
     provider: Annotated[ProviderName, typer.Option(help="Which batch API to rehearse.")] = ProviderName.openai,
-    output_file: Annotated[Path | None, typer.Option(help="Dataset file (default: data/demo-PROVIDER.json)."
-                                                     )] = None,
+    output_file: Annotated[Path | None, typer.Option(help="Dataset file (default: data/demo-PROVIDER.json).")] = None,
 ) -> None:
     """Run submit, status and collect on the bundled examples against a local batch server. No key needed.
 
@@ -939,16 +1181,36 @@ def demo(
     output = output_file or Path("data") / f"demo-{provider.value}.json"
     key_env = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}[provider.value]
     url_env = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}[provider.value]
-    with LocalBatchServer(port=0, config=EmulatorConfig(polls_to_complete=2)) as server, \
-            tempfile.TemporaryDirectory(prefix="hipbatch-demo-") as tmp, \
-            _env({key_env: "demo-key-not-secret", url_env: server.openai_base_url
-                  if provider.value == "openai" else server.anthropic_base_url,
-                  "ANTHROPIC_CONFIG_DIR": tmp}):
+    with (
+        LocalBatchServer(port=0, config=EmulatorConfig(polls_to_complete=2)) as server,
+        tempfile.TemporaryDirectory(prefix="hipbatch-demo-") as tmp,
+        _env(
+            {
+                key_env: "demo-key-not-secret",
+                url_env: server.openai_base_url if provider.value == "openai" else server.anthropic_base_url,
+                "ANTHROPIC_CONFIG_DIR": tmp,
+            }
+        ),
+    ):
         settings = Settings(state_dir=Path(tmp) / "state", config_path=None)
         err(f"Local batch server on {server.url}; state in a temporary folder.\n")
         err(f"$ hipbatch submit {examples} --provider {provider.value}")
-        do_submit(settings, examples, provider.value, None, Path("templates/default"), "**/*.hip", None,
-                  "demo", None, None, None, False, False, False)
+        do_submit(
+            settings,
+            examples,
+            provider.value,
+            None,
+            Path("templates/default"),
+            "**/*.hip",
+            None,
+            "demo",
+            None,
+            None,
+            None,
+            False,
+            False,
+            False,
+        )
         err("\n$ hipbatch status")
         _print_status_table(do_status(settings, settings.store(), None), settings.store(), None)
         err(f"\n$ hipbatch collect --wait --poll-interval 0.2 --output-file {output}")
@@ -957,10 +1219,15 @@ def demo(
     records = json.loads(output.read_text(encoding="utf-8"))
     err(f"\nDataset: {output} ({len(records)} records). A few of them:")
     for record in records[:3]:
-        typer.echo(json.dumps({"file_name": record["file_name"], "english_prompt": record["english_prompt"]},
-                              ensure_ascii=False))
-    err("\nNext: point OPENAI_API_KEY (or ANTHROPIC_API_KEY) at a real account and run "
-        "`hipbatch submit DIR` then `hipbatch collect --wait`.")
+        typer.echo(
+            json.dumps(
+                {"file_name": record["file_name"], "english_prompt": record["english_prompt"]}, ensure_ascii=False
+            )
+        )
+    err(
+        "\nNext: point OPENAI_API_KEY (or ANTHROPIC_API_KEY) at a real account and run "
+        "`hipbatch submit DIR` then `hipbatch collect --wait`."
+    )
 
 
 def _demo_cost(settings: Settings, server: Any, report_path: Path) -> None:
@@ -979,15 +1246,15 @@ def _demo_cost(settings: Settings, server: Any, report_path: Path) -> None:
         _print_cost_table(led, Console(stderr=True, width=None if sys.stderr.isatty() else 200))
         err(f"\n$ hipbatch report --job demo --output {report_path}")
         done = write_report(store, prices, "demo", report_path)
-    err(f"Wrote {done.output}: cost {cost.usd(done.cost_usd)}, live equivalent "
-        f"{cost.usd(done.live_equivalent_usd)}")
+    err(f"Wrote {done.output}: cost {cost.usd(done.cost_usd)}, live equivalent {cost.usd(done.live_equivalent_usd)}")
     stats = server.stats
     billed = (stats.input_tokens, stats.output_tokens, stats.cache_read_tokens, stats.cache_write_tokens)
-    ours = tuple(led.total[k] for k in ("input_tokens", "output_tokens", "cache_read_tokens",
-                                        "cache_write_tokens"))
-    err(f"The local server billed {billed[0]:,} input, {billed[1]:,} output, {billed[2]:,} cache-read and "
+    ours = tuple(led.total[k] for k in ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens"))
+    err(
+        f"The local server billed {billed[0]:,} input, {billed[1]:,} output, {billed[2]:,} cache-read and "
         f"{billed[3]:,} cache-write tokens: "
-        + ("the ledger holds exactly the same." if billed == ours else f"the ledger differs: {ours}"))
+        + ("the ledger holds exactly the same." if billed == ours else f"the ledger differs: {ours}")
+    )
 
 
 @contextmanager

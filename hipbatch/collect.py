@@ -34,8 +34,12 @@ class RefreshReport:
     errors: list[str] = field(default_factory=list)  # status checks that failed (batch left as it was)
 
 
-def refresh(store: Store, adapters: Adapters, window: Window | Mapping[str, Window] | None = None,
-            sleep: Callable[[float], None] = time.sleep) -> RefreshReport:
+def refresh(
+    store: Store,
+    adapters: Adapters,
+    window: Window | Mapping[str, Window] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> RefreshReport:
     """Ask the provider about every unfinished batch; a failed check leaves the batch as it was."""
     report = RefreshReport()
     for batch in store.batches(unfinished_only=True):
@@ -92,36 +96,57 @@ class _Extractors:
         return self._cache[job]
 
 
-def outcome_row(result: Result, settings: ExtractSettings, via: str = "batch",
-                price: Price | None = None) -> dict[str, Any]:
+def outcome_row(
+    result: Result, settings: ExtractSettings, via: str = "batch", price: Price | None = None
+) -> dict[str, Any]:
     """The ledger columns for one result, after the extractor.
 
     cost_usd is set, never added, from the tokens just set: by `price` when the model's price is known (as
     cost.settle() would), else NULL for cost.settle() to fill in.
     """
     row: dict[str, Any] = {
-        "custom_id": result.custom_id, "via": via, "answered_at": time.time(),
-        "input_tokens": result.input_tokens, "output_tokens": result.output_tokens,
-        "cache_read_tokens": result.cache_read_tokens, "cache_write_tokens": result.cache_write_tokens,
-        "error_code": result.error_code, "error_message": result.error_message,
-        "cost_usd": None if price is None else price.cost(
-            result.input_tokens or 0, result.output_tokens or 0, result.cache_read_tokens or 0,
-            result.cache_write_tokens or 0, live=via == "live"),
+        "custom_id": result.custom_id,
+        "via": via,
+        "answered_at": time.time(),
+        "input_tokens": result.input_tokens,
+        "output_tokens": result.output_tokens,
+        "cache_read_tokens": result.cache_read_tokens,
+        "cache_write_tokens": result.cache_write_tokens,
+        "error_code": result.error_code,
+        "error_message": result.error_message,
+        "cost_usd": None
+        if price is None
+        else price.cost(
+            result.input_tokens or 0,
+            result.output_tokens or 0,
+            result.cache_read_tokens or 0,
+            result.cache_write_tokens or 0,
+            live=via == "live",
+        ),
     }
     if result.outcome is Outcome.SUCCEEDED:
         ex = extract(result.text, result.finish, settings)
-        row.update(state=RequestState.SUCCEEDED if ex.ok else ex.reason, reply_text=result.text,
-                   finish=result.finish, prompt=ex.prompt, detail=ex.detail or None)
+        row.update(
+            state=RequestState.SUCCEEDED if ex.ok else ex.reason,
+            reply_text=result.text,
+            finish=result.finish,
+            prompt=ex.prompt,
+            detail=ex.detail or None,
+        )
         if not ex.ok:
             row.update(error_code=ex.reason, error_message=ex.detail)
     else:
-        row["state"] = {Outcome.ERRORED: RequestState.FAILED, Outcome.EXPIRED: RequestState.EXPIRED,
-                        Outcome.CANCELED: RequestState.CANCELED}[result.outcome]
+        row["state"] = {
+            Outcome.ERRORED: RequestState.FAILED,
+            Outcome.EXPIRED: RequestState.EXPIRED,
+            Outcome.CANCELED: RequestState.CANCELED,
+        }[result.outcome]
     return row
 
 
-def collect_batches(store: Store, adapters: Adapters, progress: Progress | None = None,
-                    sleep: Callable[[float], None] = time.sleep) -> CollectReport:
+def collect_batches(
+    store: Store, adapters: Adapters, progress: Progress | None = None, sleep: Callable[[float], None] = time.sleep
+) -> CollectReport:
     """Read the results of every finished, uncollected batch into the ledger."""
     progress = progress or NullProgress()
     report = CollectReport()
@@ -158,8 +183,9 @@ def collect_batches(store: Store, adapters: Adapters, progress: Progress | None 
     return report
 
 
-def _outcome_rows(dest: Path, provider: Provider, settings: ExtractSettings, price: Price | None,
-                  bar: Any) -> Iterator[dict[str, Any]]:
+def _outcome_rows(
+    dest: Path, provider: Provider, settings: ExtractSettings, price: Price | None, bar: Any
+) -> Iterator[dict[str, Any]]:
     """The ledger rows of a downloaded results file, streamed; the progress bar moves every 2,000."""
     n = 0
     for line in iter_jsonl(dest):
@@ -192,8 +218,9 @@ def _leftover(info: BatchInfo) -> tuple[str, str]:
     return RequestState.MISSING, "the provider returned no line for this request"
 
 
-def _download_checked(provider: Provider, info: BatchInfo, dest: Path, sleep: Callable[[float], None],
-                      tries: int = 4) -> int:
+def _download_checked(
+    provider: Provider, info: BatchInfo, dest: Path, sleep: Callable[[float], None], tries: int = 4
+) -> int:
     """Download to a temp file; every line must parse and the line count must match, else fetch again."""
     expected = (info.done or 0) + (info.failed or 0) if info.done is not None else None
     part = dest.with_suffix(".part")
@@ -216,9 +243,15 @@ def _download_checked(provider: Provider, info: BatchInfo, dest: Path, sleep: Ca
 
 def _info_from_row(row: dict[str, Any]) -> BatchInfo:
     return BatchInfo(
-        id=row["id"], status=row["status"], is_final=bool(row["is_final"]), total=row["total"],
-        done=row["done"], failed=row["failed"], counts_final_only=bool(row["counts_final_only"]),
-        output_file_id=row["output_file_id"], error_file_id=row["error_file_id"],
+        id=row["id"],
+        status=row["status"],
+        is_final=bool(row["is_final"]),
+        total=row["total"],
+        done=row["done"],
+        failed=row["failed"],
+        counts_final_only=bool(row["counts_final_only"]),
+        output_file_id=row["output_file_id"],
+        error_file_id=row["error_file_id"],
         errors=json.loads(row["errors"]) if row["errors"] else [],
     )
 
@@ -232,9 +265,16 @@ def reextract(store: Store, job: str | None = None) -> dict[str, int]:
         ex = extract(req["reply_text"], req["finish"], extractors(req["job"]))
         state = RequestState.SUCCEEDED if ex.ok else ex.reason
         counts[str(state)] = counts.get(str(state), 0) + 1
-        rows.append({"custom_id": req["custom_id"], "state": state, "prompt": ex.prompt,
-                     "detail": ex.detail or None, "error_code": None if ex.ok else ex.reason,
-                     "error_message": None if ex.ok else ex.detail})
+        rows.append(
+            {
+                "custom_id": req["custom_id"],
+                "state": state,
+                "prompt": ex.prompt,
+                "detail": ex.detail or None,
+                "error_code": None if ex.ok else ex.reason,
+                "error_message": None if ex.ok else ex.detail,
+            }
+        )
         if len(rows) >= 2000:
             store.save_results(rows, keep_success=False)
             rows = []
@@ -289,10 +329,13 @@ def _record_lines(store: Store, job: str | None) -> Iterator[str]:
         key = (provider, model, job_name, via)
         tail = tails.get(key)
         if tail is None:
-            tail = tails[key] = record_json({"provider": provider, "model": model, "job": job_name,
-                                             "via": via or "batch"})[1:]
-        yield (f'{{"file_name": {_value(file_name)}, "english_prompt": {_value(prompt)}, '
-               f'"custom_id": {_value(custom_id)}, {tail}')
+            tail = tails[key] = record_json(
+                {"provider": provider, "model": model, "job": job_name, "via": via or "batch"}
+            )[1:]
+        yield (
+            f'{{"file_name": {_value(file_name)}, "english_prompt": {_value(prompt)}, '
+            f'"custom_id": {_value(custom_id)}, {tail}'
+        )
 
 
 def _value(value: Any) -> str:

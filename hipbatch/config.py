@@ -17,8 +17,17 @@ from hipbatch.errors import UsageError
 from hipbatch.providers import PROVIDERS, ProviderSettings, check_name
 
 REQUEST_PARAMS = ("max_tokens", "temperature", "top_p")
-PROVIDER_KEYS = {"model", "base_url", "api_key_env", "api_key", "timeout", "max_in_flight_batches",
-                 "max_enqueued_tokens", "prices", *REQUEST_PARAMS}
+PROVIDER_KEYS = {
+    "model",
+    "base_url",
+    "api_key_env",
+    "api_key",
+    "timeout",
+    "max_in_flight_batches",
+    "max_enqueued_tokens",
+    "prices",
+    *REQUEST_PARAMS,
+}
 BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
 
 
@@ -78,8 +87,9 @@ def load_config(path: Path | None) -> Config:
     return config
 
 
-def resolve(config: Config, provider: str, template_defaults: dict[str, Any],
-            model: str | None = None) -> tuple[ProviderSettings, str, dict[str, Any]]:
+def resolve(
+    config: Config, provider: str, template_defaults: dict[str, Any], model: str | None = None
+) -> tuple[ProviderSettings, str, dict[str, Any]]:
     """(settings, model, request params) for a provider, applying the precedence rules."""
     check_name(provider)
     table = config.provider(provider)

@@ -48,12 +48,22 @@ class Price:
     def factor(self, live: bool) -> float:
         return 1.0 if live else 1.0 - self.batch_discount
 
-    def cost(self, input_tokens: float, output_tokens: float, cache_read: float = 0, cache_write: float = 0,
-             live: bool = False) -> float:
+    def cost(
+        self,
+        input_tokens: float,
+        output_tokens: float,
+        cache_read: float = 0,
+        cache_write: float = 0,
+        live: bool = False,
+    ) -> float:
         """USD for these tokens, counted as the provider reports them."""
         plain = input_tokens - cache_read if self.input_includes_cache else input_tokens
-        total = (plain * self.input + cache_read * self.cache_read + cache_write * self.cache_write
-                 + output_tokens * self.output)
+        total = (
+            plain * self.input
+            + cache_read * self.cache_read
+            + cache_write * self.cache_write
+            + output_tokens * self.output
+        )
         return total * self.factor(live) / 1_000_000
 
     @property
@@ -88,7 +98,10 @@ class PriceTable:
         entry = self.models[key]
         extra = self.providers.get(provider, {})
         return Price(
-            provider=provider, model=model, input=entry["input"], output=entry["output"],
+            provider=provider,
+            model=model,
+            input=entry["input"],
+            output=entry["output"],
             cache_read=entry.get("cache_read", entry["input"]),
             cache_write=entry.get("cache_write", entry["input"]),
             batch_discount=float(entry.get("batch_discount", self.batch_discount)),
@@ -153,8 +166,12 @@ def load_prices(config: Config | None = None) -> PriceTable:
     """The shipped price table, with the config file's [prices] (or providers.NAME.prices) on top."""
     text = resources.files("hipbatch").joinpath("data/prices.toml").read_text(encoding="utf-8")
     data = tomllib.loads(text)
-    table = PriceTable(checked=str(data["checked"]), batch_discount=float(data["batch_discount"]),
-                       providers=data.get("providers", {}), models={})
+    table = PriceTable(
+        checked=str(data["checked"]),
+        batch_discount=float(data["batch_discount"]),
+        providers=data.get("providers", {}),
+        models={},
+    )
     _add_prices(table, data["prices"], "hipbatch/data/prices.toml", None)
     if config is not None and config.path is not None:
         where = str(config.path)
@@ -168,9 +185,11 @@ def load_prices(config: Config | None = None) -> PriceTable:
 
 
 def no_price_warning(provider: str, model: str, table: PriceTable) -> str:
-    return (f"no price known for {provider} model {model!r} (price table checked {table.checked}): no dollar "
-            f'figures for it. Add [prices.{provider}."{model}"] with input and output (USD per 1M tokens) '
-            "to hipbatch.toml")
+    return (
+        f"no price known for {provider} model {model!r} (price table checked {table.checked}): no dollar "
+        f'figures for it. Add [prices.{provider}."{model}"] with input and output (USD per 1M tokens) '
+        "to hipbatch.toml"
+    )
 
 
 def usd(value: float | None) -> str:
@@ -199,10 +218,14 @@ class Calibration:
 
     def describe(self, provider: str, model: str) -> str:
         if self.ratio is None:
-            return (f"input tokens are a local count (about 3.6 characters per token), not yet calibrated: "
-                    f"calibrated once results of {provider}/{model} are in the store")
-        return (f"input tokens calibrated on {self.samples} answered request(s) of {provider}/{model}: "
-                f"x{self.ratio:.3f} the local count")
+            return (
+                f"input tokens are a local count (about 3.6 characters per token), not yet calibrated: "
+                f"calibrated once results of {provider}/{model} are in the store"
+            )
+        return (
+            f"input tokens calibrated on {self.samples} answered request(s) of {provider}/{model}: "
+            f"x{self.ratio:.3f} the local count"
+        )
 
 
 def _actual_input_sql(includes_cache: bool) -> str:
@@ -223,8 +246,8 @@ def calibration(store: Store, provider: str, model: str, includes_cache: bool) -
     if n and est:
         cal.ratio = float(act) / float(est)
     row = store.db.execute(
-        "SELECT avg(output_tokens) FROM requests WHERE provider = ? AND model = ? AND state = ? "
-        "AND output_tokens > 0", [provider, model, RequestState.SUCCEEDED],
+        "SELECT avg(output_tokens) FROM requests WHERE provider = ? AND model = ? AND state = ? AND output_tokens > 0",
+        [provider, model, RequestState.SUCCEEDED],
     ).fetchone()
     cal.avg_output_tokens = float(row[0]) if row and row[0] is not None else None
     return cal
@@ -258,16 +281,26 @@ class Estimate:
     warnings: list[str] = field(default_factory=list)
 
 
-def estimate(store: Store, prices: PriceTable, provider: str, model: str, requests: int,
-             local_input_tokens: int, max_tokens: int) -> Estimate:
+def estimate(
+    store: Store, prices: PriceTable, provider: str, model: str, requests: int, local_input_tokens: int, max_tokens: int
+) -> Estimate:
     """Tokens and cost of `requests` new requests, worst case and likely, batch and live."""
     cal = calibration(store, provider, model, _includes_cache(prices, provider))
     tokens = round(local_input_tokens * cal.ratio) if cal.ratio else local_input_tokens
     ceiling = requests * max_tokens
-    est = Estimate(provider=provider, model=model, requests=requests, local_input_tokens=local_input_tokens,
-                   input_tokens=tokens, output_ceiling=ceiling, calibrated=cal.ratio is not None,
-                   calibration_ratio=cal.ratio, calibration_samples=cal.samples,
-                   calibration_note=cal.describe(provider, model), prices_checked=prices.checked)
+    est = Estimate(
+        provider=provider,
+        model=model,
+        requests=requests,
+        local_input_tokens=local_input_tokens,
+        input_tokens=tokens,
+        output_ceiling=ceiling,
+        calibrated=cal.ratio is not None,
+        calibration_ratio=cal.ratio,
+        calibration_samples=cal.samples,
+        calibration_note=cal.describe(provider, model),
+        prices_checked=prices.checked,
+    )
     if cal.avg_output_tokens is not None:
         per_reply = min(cal.avg_output_tokens, max_tokens) if max_tokens else cal.avg_output_tokens
         est.likely_output_tokens = round(requests * per_reply)
@@ -289,7 +322,8 @@ def queued_commitment(store: Store, prices: PriceTable) -> tuple[int, float | No
     total, n, unknown = 0.0, 0, False
     for provider, model, count, local, outs in store.db.execute(
         "SELECT provider, model, count(*), sum(est_input_tokens), sum(max_tokens) FROM requests "
-        "WHERE state = ? GROUP BY provider, model", [RequestState.PENDING],
+        "WHERE state = ? GROUP BY provider, model",
+        [RequestState.PENDING],
     ).fetchall():
         n += count
         price = prices.lookup(provider, model)
@@ -322,24 +356,29 @@ def check_budget(est: Estimate, max_cost: float, queued: tuple[int, float | None
 
 def for_prepare(store: Store, prices: PriceTable, prep: Any) -> Estimate:
     """The estimate of the new requests a submit.prepare() found (a PrepareReport)."""
-    return estimate(store, prices, prep.provider, prep.model, prep.new, prep.est_input_tokens,
-                    prep.max_tokens)
+    return estimate(store, prices, prep.provider, prep.model, prep.new, prep.est_input_tokens, prep.max_tokens)
 
 
 def estimate_lines(est: Estimate) -> list[str]:
     """The estimate in words, for stderr."""
-    lines = [f"Estimate for {est.requests} request(s) to {est.provider}/{est.model}: "
-             f"{est.input_tokens:,} input tokens, output at most {est.output_ceiling:,} tokens "
-             f"({est.calibration_note})"]
+    lines = [
+        f"Estimate for {est.requests} request(s) to {est.provider}/{est.model}: "
+        f"{est.input_tokens:,} input tokens, output at most {est.output_ceiling:,} tokens "
+        f"({est.calibration_note})"
+    ]
     if est.batch_usd is None:
         lines.extend(f"Warning: {w}" for w in est.warnings)
         return lines
-    lines.append(f"Estimated cost, worst case (no cache hits, every reply at max_tokens): batch "
-                 f"{usd(est.batch_usd)}, "
-                 f"the same work live {usd(est.live_usd)} ({est.price_source})")
+    lines.append(
+        f"Estimated cost, worst case (no cache hits, every reply at max_tokens): batch "
+        f"{usd(est.batch_usd)}, "
+        f"the same work live {usd(est.live_usd)} ({est.price_source})"
+    )
     if est.likely_batch_usd is not None:
-        lines.append(f"Likely cost at the {est.likely_output_tokens:,} output tokens replies of this model "
-                     f"averaged so far: batch {usd(est.likely_batch_usd)}, live {usd(est.likely_live_usd)}")
+        lines.append(
+            f"Likely cost at the {est.likely_output_tokens:,} output tokens replies of this model "
+            f"averaged so far: batch {usd(est.likely_batch_usd)}, live {usd(est.likely_live_usd)}"
+        )
     return lines
 
 
@@ -360,7 +399,8 @@ def settle(store: Store, prices: PriceTable) -> SettleReport:
     groups = store.db.execute(
         f"SELECT provider, model, coalesce(via, 'batch') = 'live', est_cost_usd IS NULL, "
         f"cost_usd IS NULL AND {answered} FROM requests WHERE est_cost_usd IS NULL OR (cost_usd IS NULL AND "
-        f"{answered}) GROUP BY 1, 2, 3, 4, 5", [*flight, *flight],
+        f"{answered}) GROUP BY 1, 2, 3, 4, 5",
+        [*flight, *flight],
     ).fetchall()
     with store.atomic():
         for provider, model, live, needs_est, needs_cost in groups:
@@ -385,15 +425,33 @@ def settle(store: Store, prices: PriceTable) -> SettleReport:
                     "+ cache_read_tokens * ? + cache_write_tokens * ? + output_tokens * ?) * ? / 1e6 "
                     f"WHERE provider = ? AND model = ? AND (coalesce(via, 'batch') = 'live') = ? "
                     f"AND cost_usd IS NULL AND {answered}",
-                    [int(price.input_includes_cache), price.input, price.cache_read, price.cache_write,
-                     price.output, price.factor(bool(live)), provider, model, live, *flight],
+                    [
+                        int(price.input_includes_cache),
+                        price.input,
+                        price.cache_read,
+                        price.cache_write,
+                        price.output,
+                        price.factor(bool(live)),
+                        provider,
+                        model,
+                        live,
+                        *flight,
+                    ],
                 )
                 report.costed += max(cur.rowcount, 0)
     return report
 
 
-LEDGER_KEYS = ("requests", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens",
-               "cost_usd", "committed_usd", "live_equivalent_usd")
+LEDGER_KEYS = (
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "cost_usd",
+    "committed_usd",
+    "live_equivalent_usd",
+)
 
 
 @dataclass
@@ -434,9 +492,17 @@ def ledger(store: Store, prices: PriceTable, job: str | None = None) -> Ledger:
         tcr += int(sum(e[6] for e in old))
         tcw += int(sum(e[7] for e in old))
         row: dict[str, Any] = {
-            "job": job_name, "provider": provider, "model": model, "requests": n, "input_tokens": tin,
-            "output_tokens": tout, "cache_read_tokens": tcr, "cache_write_tokens": tcw, "cost_usd": None,
-            "committed_usd": None, "live_equivalent_usd": None,
+            "job": job_name,
+            "provider": provider,
+            "model": model,
+            "requests": n,
+            "input_tokens": tin,
+            "output_tokens": tout,
+            "cache_read_tokens": tcr,
+            "cache_write_tokens": tcw,
+            "cost_usd": None,
+            "committed_usd": None,
+            "live_equivalent_usd": None,
         }
         rows.append(row)
         price = prices.lookup(provider, model)
@@ -469,7 +535,9 @@ def superseded(store: Store, job: str | None = None) -> list[tuple[Any, ...]]:
     return store.db.execute(
         "SELECT job, provider, model, coalesce(via, 'batch') = 'live', total(input_tokens), "
         "total(output_tokens), total(cache_read_tokens), total(cache_write_tokens), total(cost_usd) "
-        f"FROM superseded {where} GROUP BY 1, 2, 3, 4", args).fetchall()
+        f"FROM superseded {where} GROUP BY 1, 2, 3, 4",
+        args,
+    ).fetchall()
 
 
 def _unsettled_cost(store: Store, price: Price, job: str, provider: str, model: str) -> float:
@@ -494,11 +562,25 @@ def job_summaries(store: Store, job: str | None = None) -> dict[str, dict[str, A
     # GROUP BY (job, state) over the covering index (job, state, cost_usd, est_cost_usd): no table reads.
     for name, state, n, cost, n_cost, committed, n_committed in store.db.execute(
         f"SELECT job, state, count(*), total(cost_usd), count(cost_usd), total(est_cost_usd), count(est_cost_usd) "
-        f"FROM requests {where} GROUP BY job, state", args,
+        f"FROM requests {where} GROUP BY job, state",
+        args,
     ):
-        s = sums.setdefault(name, {"requests": 0, "done": 0, "failed": 0, "in_flight": 0, "queued": 0,
-                                   "cost": 0.0, "n_cost": 0, "final": 0, "committed": 0.0, "n_committed": 0,
-                                   "states": {}})
+        s = sums.setdefault(
+            name,
+            {
+                "requests": 0,
+                "done": 0,
+                "failed": 0,
+                "in_flight": 0,
+                "queued": 0,
+                "cost": 0.0,
+                "n_cost": 0,
+                "final": 0,
+                "committed": 0.0,
+                "n_committed": 0,
+                "states": {},
+            },
+        )
         s["requests"] += n
         s["states"][state] = n
         if state == RequestState.SUCCEEDED:
@@ -523,7 +605,10 @@ def job_summaries(store: Store, job: str | None = None) -> dict[str, dict[str, A
     for name in sorted(sums):
         s = sums[name]
         out[name] = {
-            "requests": s["requests"], "done": s["done"], "failed": s["failed"], "in_flight": s["in_flight"],
+            "requests": s["requests"],
+            "done": s["done"],
+            "failed": s["failed"],
+            "in_flight": s["in_flight"],
             "queued": s["queued"],
             # None when an answered request has no price yet (unknown model, or not settled)
             "cost_usd": _money(s["cost"]) if s["n_cost"] >= s["final"] else None,
@@ -533,8 +618,7 @@ def job_summaries(store: Store, job: str | None = None) -> dict[str, dict[str, A
     return out
 
 
-def batch_figures(store: Store, batches: list[dict[str, Any]],
-                  now: float | None = None) -> dict[str, dict[str, Any]]:
+def batch_figures(store: Store, batches: list[dict[str, Any]], now: float | None = None) -> dict[str, dict[str, Any]]:
     """Per batch: seconds to expiry while it runs, and the most common failure reason."""
     now = time.time() if now is None else now
     tops = _request_errors(store)
@@ -554,7 +638,8 @@ def _request_errors(store: Store) -> dict[str, dict[str, Any]]:
     best: dict[str, tuple[int, str, str | None]] = {}
     for batch_id, state, code, n in store.db.execute(
         f"SELECT batch_id, state, error_code, count(*) FROM requests "
-        f"WHERE state IN ({marks}) AND batch_id IS NOT NULL GROUP BY 1, 2, 3", list(RETRYABLE),
+        f"WHERE state IN ({marks}) AND batch_id IS NOT NULL GROUP BY 1, 2, 3",
+        list(RETRYABLE),
     ):
         seen = best.get(batch_id)
         if seen is None or (n, seen[1]) > (seen[0], state):  # most requests first, then state name
@@ -563,7 +648,8 @@ def _request_errors(store: Store) -> dict[str, dict[str, Any]]:
     for batch_id, (n, state, code) in best.items():
         row = store.db.execute(
             "SELECT error_message FROM requests WHERE state = ? AND batch_id = ? AND error_code IS ? LIMIT 1",
-            [state, batch_id, code]).fetchone()
+            [state, batch_id, code],
+        ).fetchone()
         reason = state if not code or code == state else f"{state}:{code}"
         out[batch_id] = {"reason": reason, "count": n, "message": row[0] if row else None}
     return out
@@ -573,17 +659,24 @@ def _batch_error(b: dict[str, Any]) -> dict[str, Any] | None:
     errors = json.loads(b["errors"]) if b.get("errors") else []
     if errors:  # a batch refused as a whole (validation, quota)
         first = errors[0]
-        return {"reason": f"batch {b['status']}:{first.get('code')}", "count": b.get("total") or len(errors),
-                "message": first.get("message")}
+        return {
+            "reason": f"batch {b['status']}:{first.get('code')}",
+            "count": b.get("total") or len(errors),
+            "message": first.get("message"),
+        }
     if b["is_final"] and (b.get("failed") or 0) > 0:
         if not b.get("collected"):
-            return {"reason": "not collected yet", "count": b["failed"],
-                    "message": "run `hipbatch collect` to download the error lines and see why"}
+            return {
+                "reason": "not collected yet",
+                "count": b["failed"],
+                "message": "run `hipbatch collect` to download the error lines and see why",
+            }
     return None
 
 
-def glance(store: Store, job: str | None = None,
-           now: float | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+def glance(
+    store: Store, job: str | None = None, now: float | None = None
+) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """(figures per batch id, summary per job) for `hipbatch status`."""
     return batch_figures(store, store.batches(job=job), now), job_summaries(store, job)
 
@@ -593,7 +686,8 @@ def summary_line(job: str, s: dict[str, Any]) -> str:
     spent = usd(s["cost_usd"]) if s["cost_usd"] is not None else "unknown (no price for the model)"
     committed = ""
     if s["in_flight"] or s["queued"]:
-        committed = (f", up to {usd(s['committed_usd'])} committed in flight"
-                     if s["committed_usd"] is not None else "")
-    return (f"{job}: {s['requests']} requests: {s['done']} done, {s['failed']} failed, {s['in_flight']} in "
-            f"flight, {s['queued']} queued; cost so far {spent}{committed}")
+        committed = f", up to {usd(s['committed_usd'])} committed in flight" if s["committed_usd"] is not None else ""
+    return (
+        f"{job}: {s['requests']} requests: {s['done']} done, {s['failed']} failed, {s['in_flight']} in "
+        f"flight, {s['queued']} queued; cost so far {spent}{committed}"
+    )

@@ -11,15 +11,12 @@ from typing import Any
 from hipbatch.submit import DEFAULT_MAX_IN_FLIGHT, Window
 
 
-def window_for(
-    config: Any, provider: str, max_in_flight: int | None = None, max_tokens: int | None = None
-) -> Window:
+def window_for(config: Any, provider: str, max_in_flight: int | None = None, max_tokens: int | None = None) -> Window:
     """One provider's window: the option if given, else `[providers.X]` in the config, else the default."""
     table = config.provider(provider)
     tokens = max_tokens or table.get("max_enqueued_tokens")
     return Window(
-        max_in_flight_batches=max_in_flight
-        or int(table.get("max_in_flight_batches") or DEFAULT_MAX_IN_FLIGHT),
+        max_in_flight_batches=max_in_flight or int(table.get("max_in_flight_batches") or DEFAULT_MAX_IN_FLIGHT),
         max_enqueued_tokens=int(tokens) if tokens else None,
     )
 

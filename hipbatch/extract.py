@@ -175,9 +175,7 @@ def _finish(prompt: str, settings: ExtractSettings) -> Extraction:
     return Extraction(prompt=prompt, reason=None)
 
 
-def extract(
-    text: str | None, finish: str | None = None, settings: ExtractSettings = DEFAULT_SETTINGS
-) -> Extraction:
+def extract(text: str | None, finish: str | None = None, settings: ExtractSettings = DEFAULT_SETTINGS) -> Extraction:
     """Take the English prompt from one reply `text` whose provider finish reason is `finish`.
 
     Order: refusal finish; empty reply; first `<tag>...</tag>` (unclosed -> truncated when cut by

@@ -67,8 +67,13 @@ class Throttle:
     --max-requests-per-minute / --max-tokens-per-minute are paced with a one-second burst.
     """
 
-    def __init__(self, max_concurrency: int, requests_per_minute: int | None = None,
-                 tokens_per_minute: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_concurrency: int,
+        requests_per_minute: int | None = None,
+        tokens_per_minute: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_concurrency = max(1, max_concurrency)
         self.limit = float(self.max_concurrency)
         self.rpm, self.tpm = requests_per_minute, tokens_per_minute
@@ -93,8 +98,9 @@ class Throttle:
                 if self._closed:
                     raise Stopped
                 now = self.clock()
-                start = max(self.not_before, ready_at(self._req_tat, req_cost, now),
-                            ready_at(self._tok_tat, tok_cost, now))
+                start = max(
+                    self.not_before, ready_at(self._req_tat, req_cost, now), ready_at(self._tok_tat, tok_cost, now)
+                )
                 if start > now:
                     self._cond.wait(start - now)
                 elif self.active >= int(self.limit):
@@ -183,13 +189,13 @@ class Answer:
 class Pool:
     """Daemon worker threads: a call still running after the grace period never holds the process."""
 
-    def __init__(self, provider: Provider, throttle: Throttle, workers: int,
-                 stopping: threading.Event) -> None:
+    def __init__(self, provider: Provider, throttle: Throttle, workers: int, stopping: threading.Event) -> None:
         self.provider, self.throttle, self.stopping = provider, throttle, stopping
         self.todo: queue.Queue[Item | None] = queue.Queue()
         self.done: queue.Queue[tuple[Item, Answer]] = queue.Queue()
-        self.threads = [threading.Thread(target=self._work, name=f"hipbatch-live-{i}", daemon=True)
-                        for i in range(workers)]
+        self.threads = [
+            threading.Thread(target=self._work, name=f"hipbatch-live-{i}", daemon=True) for i in range(workers)
+        ]
         for thread in self.threads:
             thread.start()
 
@@ -212,8 +218,11 @@ class Pool:
         """Call until an answer, a permanent error, the retry cap, or the stop."""
 
         def stop(state: RetryCallState) -> bool:
-            return (self.stopping.is_set() or item.transient >= TRANSIENT_ATTEMPTS
-                    or item.rate_limited >= RATE_LIMITED_ATTEMPTS)
+            return (
+                self.stopping.is_set()
+                or item.transient >= TRANSIENT_ATTEMPTS
+                or item.rate_limited >= RATE_LIMITED_ATTEMPTS
+            )
 
         def wait(state: RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
@@ -224,8 +233,9 @@ class Pool:
                 return min(float(asked), MAX_RETRY_AFTER)
             return float(wait_exponential_jitter(initial=0.5, max=30.0)(state))
 
-        retrying = Retrying(stop=stop, wait=wait, retry=retry_if_exception_type(TransientError),
-                            sleep=self.stopping.wait, reraise=True)
+        retrying = Retrying(
+            stop=stop, wait=wait, retry=retry_if_exception_type(TransientError), sleep=self.stopping.wait, reraise=True
+        )
         try:
             for attempt in retrying:
                 with attempt:
@@ -292,19 +302,42 @@ class LiveReport:
         return self.succeeded + self.unusable + self.failed
 
 
-def run_live(store: Store, template: Template, provider: Provider, model: str, params: dict[str, Any],
-             input_dir: Path, job: str, pattern: str = "**/*.hip", limit: int | None = None,
-             max_workers: int = DEFAULT_WORKERS, requests_per_minute: int | None = None,
-             tokens_per_minute: int | None = None, show_progress: bool = False, grace: float = GRACE_S,
-             handle_sigint: bool = True) -> LiveReport:
+def run_live(
+    store: Store,
+    template: Template,
+    provider: Provider,
+    model: str,
+    params: dict[str, Any],
+    input_dir: Path,
+    job: str,
+    pattern: str = "**/*.hip",
+    limit: int | None = None,
+    max_workers: int = DEFAULT_WORKERS,
+    requests_per_minute: int | None = None,
+    tokens_per_minute: int | None = None,
+    show_progress: bool = False,
+    grace: float = GRACE_S,
+    handle_sigint: bool = True,
+) -> LiveReport:
     """Render and record like submit, then answer every request of these files that lacks an answer, live.
 
     Call with the store lock held: requests taken from a queued shard must not be sent in a batch meanwhile.
     """
-    prep = prepare(store, template, provider, model, params, input_dir, job, pattern, limit,
-                   progress=default_progress(quiet=not show_progress))
-    report = LiveReport(job=job, provider=provider.name, model=model, files=prep.files,
-                        prepare=asdict(prep), min_workers=max_workers)
+    prep = prepare(
+        store,
+        template,
+        provider,
+        model,
+        params,
+        input_dir,
+        job,
+        pattern,
+        limit,
+        progress=default_progress(quiet=not show_progress),
+    )
+    report = LiveReport(
+        job=job, provider=provider.name, model=model, files=prep.files, prepare=asdict(prep), min_workers=max_workers
+    )
     names = discover(input_dir, pattern)
     names = names[:limit] if limit is not None else names
     report.to_answer = len({row["custom_id"] for row in _work_rows(store, job, names)})
@@ -313,8 +346,7 @@ def run_live(store: Store, template: Template, provider: Provider, model: str, p
     try:
         if report.to_answer:
             with _sigint_sets(run.stopping, run.abandon, handle_sigint), _bar(report, show_progress) as bar:
-                run.drive(_items(store, template, provider, model, params, input_dir, job, names, report),
-                          bar)
+                run.drive(_items(store, template, provider, model, params, input_dir, job, names, report), bar)
     finally:
         run.pool_down()
         for shard in store.shards_in_states([ShardState.QUEUED]):
@@ -332,14 +364,23 @@ def run_live(store: Store, template: Template, provider: Provider, model: str, p
 
 def _work_rows(store: Store, job: str, names: list[str]) -> Iterator[dict[str, Any]]:
     for start in range(0, len(names), WORK_CHUNK):
-        rows = list(store.live_work(job, names[start:start + WORK_CHUNK]))
+        rows = list(store.live_work(job, names[start : start + WORK_CHUNK]))
         # A paid answer asked again (truncated, extraction_failed) stays in the ledger as superseded.
         store.supersede_answers([r["custom_id"] for r in rows if r["state"] != RequestState.PENDING])
         yield from rows
 
 
-def _items(store: Store, template: Template, provider: Provider, model: str, params: dict[str, Any],
-           input_dir: Path, job: str, names: list[str], report: LiveReport) -> Iterator[Item]:
+def _items(
+    store: Store,
+    template: Template,
+    provider: Provider,
+    model: str,
+    params: dict[str, Any],
+    input_dir: Path,
+    job: str,
+    names: list[str],
+    report: LiveReport,
+) -> Iterator[Item]:
     """The work, rendered again lazily with the code submit uses; a request is taken once."""
     seen: set[str] = set()
     for row in _work_rows(store, job, names):
@@ -356,16 +397,28 @@ def _items(store: Store, template: Template, provider: Provider, model: str, par
         if request_id(provider.name, provider.endpoint, model, params, system, user) != cid:
             report.changed += 1  # edited since prepare rendered it: this request is not the file's any more
             continue
-        yield Item(cid, provider.to_line(cid, model, params, system, user),
-                   tokens=int(row["est_input_tokens"] or 0) + int(row["max_tokens"] or 0),
-                   attempts=int(row["attempts"] or 0))
+        yield Item(
+            cid,
+            provider.to_line(cid, model, params, system, user),
+            tokens=int(row["est_input_tokens"] or 0) + int(row["max_tokens"] or 0),
+            attempts=int(row["attempts"] or 0),
+        )
 
 
 class _Run:
     """The main thread's side: hand out work, record answers as they arrive, stop cleanly."""
 
-    def __init__(self, store: Store, template: Template, provider: Provider, workers: int, rpm: int | None,
-                 tpm: int | None, report: LiveReport, grace: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        template: Template,
+        provider: Provider,
+        workers: int,
+        rpm: int | None,
+        tpm: int | None,
+        report: LiveReport,
+        grace: float,
+    ) -> None:
         self.store, self.template, self.report, self.grace = store, template, report, grace
         self.workers = max(1, workers)
         self.stopping = threading.Event()  # stop sending (Ctrl-C, or a fatal error)
@@ -435,8 +488,9 @@ class _Run:
             elif answer.kind == "permanent" and answer.error is not None:
                 status = _status_of(answer.error)
                 code = f"http_{status}" if status else "provider_error"
-                failure = Result(item.custom_id, Outcome.ERRORED, error_code=code,
-                                 error_message=str(answer.error)[:2000])
+                failure = Result(
+                    item.custom_id, Outcome.ERRORED, error_code=code, error_message=str(answer.error)[:2000]
+                )
                 row = outcome_row(failure, self.template.extract, via="live")
                 self.errors[code] += 1
                 if (status is None or status in FATAL_STATUSES) and self.report.fatal is None:
@@ -512,16 +566,22 @@ def _bar(report: LiveReport, show: bool) -> Iterator[Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     started = time.monotonic()
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[detail]}"), TimeElapsedColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"live {report.job}", total=report.to_answer, detail="")
 
         class Bar:
             def update(self, report: LiveReport, waiting_s: float) -> None:
                 elapsed = max(time.monotonic() - started, 1e-6)
-                detail = (f"ok {report.succeeded}  failed {report.failed + report.unusable}  "
-                          f"{report.done / elapsed:.1f}/s")
+                detail = (
+                    f"ok {report.succeeded}  failed {report.failed + report.unusable}  {report.done / elapsed:.1f}/s"
+                )
                 if waiting_s > 0.05:
                     detail += f"  rate limited: waiting {waiting_s:.1f}s"
                 progress.update(task, completed=report.done, detail=detail)

@@ -59,8 +59,13 @@ def m001_initial(db: Database) -> None:
             "updated_at": float,
         },
         pk="custom_id",
-        defaults={"attempts": 0, "input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0,
-                  "cache_write_tokens": 0},
+        defaults={
+            "attempts": 0,
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "cache_read_tokens": 0,
+            "cache_write_tokens": 0,
+        },
     )
     db.table("shards").create(
         {
@@ -137,9 +142,22 @@ def m003_superseded_answers(db: Database) -> None:
     # A paid answer that `retry` or live mode asks again (truncated, extraction_failed) moves its tokens and
     # cost here before the new answer overwrites them, so the ledger counts every answer paid for, once.
     db.table("superseded").create(
-        {"id": int, "custom_id": str, "job": str, "provider": str, "model": str, "batch_id": str, "via": str,
-         "input_tokens": int, "output_tokens": int, "cache_read_tokens": int, "cache_write_tokens": int,
-         "cost_usd": float, "answered_at": float, "superseded_at": float},
+        {
+            "id": int,
+            "custom_id": str,
+            "job": str,
+            "provider": str,
+            "model": str,
+            "batch_id": str,
+            "via": str,
+            "input_tokens": int,
+            "output_tokens": int,
+            "cache_read_tokens": int,
+            "cache_write_tokens": int,
+            "cost_usd": float,
+            "answered_at": float,
+            "superseded_at": float,
+        },
         pk="id",
     )
     db.table("superseded").create_index(["job", "provider", "model"])

@@ -18,8 +18,7 @@ class _LineMaker(Protocol):
     name: str
     endpoint: str
 
-    def to_line(self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str
-                ) -> dict[str, Any]: ...
+    def to_line(self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str) -> dict[str, Any]: ...
 
 
 class LineEncoder:
@@ -34,8 +33,12 @@ class LineEncoder:
 
     def __init__(self, provider: _LineMaker, model: str, params: dict[str, Any]) -> None:
         self.provider, self.model, self.params = provider, model, params
-        head = json.dumps([provider.name, provider.endpoint, model, sorted(params.items())],
-                          ensure_ascii=False, separators=(",", ":"), default=str)
+        head = json.dumps(
+            [provider.name, provider.endpoint, model, sorted(params.items())],
+            ensure_ascii=False,
+            separators=(",", ":"),
+            default=str,
+        )
         self._head = hashlib.sha256((head[:-1] + ",").encode("utf-8"))
         self._system: tuple[str, bytes, Any] | None = None  # last system text, escaped, hash so far
         self._layouts: dict[tuple[bool, bool], list[bytes | int] | None] = {}
@@ -65,11 +68,15 @@ class LineEncoder:
         key = (has_system, has_user)
         if key not in self._layouts:
             cid, system, user = _SENTINELS
-            line = self.provider.to_line(cid, self.model, self.params, system if has_system else "",
-                                         user if has_user else "")
+            line = self.provider.to_line(
+                cid, self.model, self.params, system if has_system else "", user if has_user else ""
+            )
             text = (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
-            marks = [(encode_basestring(s).encode(), slot) for slot, s in enumerate(_SENTINELS)
-                     if slot == 0 or (has_system, has_user)[slot - 1]]
+            marks = [
+                (encode_basestring(s).encode(), slot)
+                for slot, s in enumerate(_SENTINELS)
+                if slot == 0 or (has_system, has_user)[slot - 1]
+            ]
             layout: list[bytes | int] | None = []
             if any(text.count(mark) != 1 for mark, _ in marks):
                 layout = None
@@ -105,8 +112,7 @@ class ShardWriter:
     half-written shard under its final name.
     """
 
-    def __init__(self, directory: Path, prefix: str, max_requests: int, max_bytes: int,
-                 durable: bool = True) -> None:
+    def __init__(self, directory: Path, prefix: str, max_requests: int, max_bytes: int, durable: bool = True) -> None:
         self.directory = directory
         self.prefix = prefix
         self.max_requests = max_requests

@@ -25,11 +25,17 @@ def _wait(state: RetryCallState) -> float:
     return base * (0.75 + random.random() / 2)
 
 
-def retrying(fn: Callable[..., T], *args: Any, sleep: Callable[[float], None] = time.sleep,
-             attempts: int = 8, **kwargs: Any) -> T:
+def retrying(
+    fn: Callable[..., T], *args: Any, sleep: Callable[[float], None] = time.sleep, attempts: int = 8, **kwargs: Any
+) -> T:
     """Call fn, retrying TransientError with backoff (honouring Retry-After); other errors pass through."""
-    for attempt in Retrying(stop=stop_after_attempt(attempts), wait=_wait,
-                            retry=retry_if_exception_type(TransientError), sleep=sleep, reraise=True):
+    for attempt in Retrying(
+        stop=stop_after_attempt(attempts),
+        wait=_wait,
+        retry=retry_if_exception_type(TransientError),
+        sleep=sleep,
+        reraise=True,
+    ):
         with attempt:
             return fn(*args, **kwargs)
     raise AssertionError("unreachable")  # pragma: no cover

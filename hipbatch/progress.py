@@ -55,8 +55,15 @@ class RichProgress:
             def render(self, task: Any) -> Text:
                 return Text(f"{task.speed or 0:,.0f}/s")
 
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
-                   RateColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            RateColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        ]
         with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
             task_id = bar.add_task(description, total=total)
 

@@ -84,8 +84,15 @@ def load_template(path: Path) -> Template:
         extract = ExtractSettings.from_mapping(settings.get("extract", {}))
     except ValueError as e:
         raise TemplateError(f"{toml_path}: [extract] {e}") from None
-    return Template(path, templates["system.j2"], templates["user.j2"], request, provider_params, extract,
-                    _static_render(env, templates["system.j2"]))
+    return Template(
+        path,
+        templates["system.j2"],
+        templates["user.j2"],
+        request,
+        provider_params,
+        extract,
+        _static_render(env, templates["system.j2"]),
+    )
 
 
 def _static_render(env: jinja2.Environment, template: jinja2.Template) -> str | None:
@@ -97,8 +104,10 @@ def _static_render(env: jinja2.Environment, template: jinja2.Template) -> str | 
     ast = env.parse(env.loader.get_source(env, template.name)[0])
     if jinja2.meta.find_undeclared_variables(ast) - {"language"}:
         return None
-    if any(ast.find(kind) for kind in (jinja2.nodes.Include, jinja2.nodes.Extends, jinja2.nodes.Import,
-                                       jinja2.nodes.FromImport)):
+    if any(
+        ast.find(kind)
+        for kind in (jinja2.nodes.Include, jinja2.nodes.Extends, jinja2.nodes.Import, jinja2.nodes.FromImport)
+    ):
         return None  # an included file may use the code
     return _render(template, {"language": "HIP"})
 
@@ -219,7 +228,9 @@ def request_id(provider: str, endpoint: str, model: str, params: dict[str, Any],
     """Deterministic custom_id: a hash of everything that is sent. 51 chars of [a-z0-9-]."""
     canonical = json.dumps(
         [provider, endpoint, model, sorted(params.items()), system, user],
-        ensure_ascii=False, separators=(",", ":"), default=str,
+        ensure_ascii=False,
+        separators=(",", ":"),
+        default=str,
     )
     return "hb-" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:48]
 

@@ -21,15 +21,28 @@ from hipbatch.store import Store
 BUCKETS = 60
 SAMPLE_PROMPTS = 12
 COLORS = {
-    RequestState.PENDING: "#b0b7c3", RequestState.SUBMITTED: "#5b8def", RequestState.SUCCEEDED: "#2e9e5b",
-    RequestState.FAILED: "#d64545", RequestState.EXPIRED: "#e08a2c", RequestState.CANCELED: "#8c6bb1",
-    RequestState.EXTRACTION_FAILED: "#c2569b", RequestState.TRUNCATED: "#e5b627",
+    RequestState.PENDING: "#b0b7c3",
+    RequestState.SUBMITTED: "#5b8def",
+    RequestState.SUCCEEDED: "#2e9e5b",
+    RequestState.FAILED: "#d64545",
+    RequestState.EXPIRED: "#e08a2c",
+    RequestState.CANCELED: "#8c6bb1",
+    RequestState.EXTRACTION_FAILED: "#c2569b",
+    RequestState.TRUNCATED: "#e5b627",
     RequestState.MISSING: "#6b6b6b",
 }
 LABELS = {RequestState.PENDING: "queued", RequestState.SUBMITTED: "in flight"}
-STACK = [RequestState.SUCCEEDED, RequestState.FAILED, RequestState.EXPIRED, RequestState.CANCELED,
-         RequestState.EXTRACTION_FAILED, RequestState.TRUNCATED, RequestState.MISSING, RequestState.SUBMITTED,
-         RequestState.PENDING]
+STACK = [
+    RequestState.SUCCEEDED,
+    RequestState.FAILED,
+    RequestState.EXPIRED,
+    RequestState.CANCELED,
+    RequestState.EXTRACTION_FAILED,
+    RequestState.TRUNCATED,
+    RequestState.MISSING,
+    RequestState.SUBMITTED,
+    RequestState.PENDING,
+]
 
 
 @dataclass
@@ -115,53 +128,68 @@ def timeline_svg(tl: Timeline, width: int = 760, height: int = 260) -> str:
     def y(v: float) -> float:
         return top + plot_h - plot_h * v / peak
 
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-             f'aria-label="Requests over time by state" class="chart" id="timeline">']
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="Requests over time by state" class="chart" id="timeline">'
+    ]
     for k in range(5):  # horizontal grid and counts
         v = peak * k / 4
-        parts.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="grid"/>'
-                     f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{round(v)}</text>')
+        parts.append(
+            f'<line x1="{left}" x2="{left + plot_w}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="grid"/>'
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" text-anchor="end">{round(v)}</text>'
+        )
     lower = [0] * BUCKETS
     for state in tl.states:
         upper = [lower[i] + tl.counts[state][i] for i in range(BUCKETS)]
         # Steps: each bucket holds its end-of-slice count across its whole width.
         top_pts = [f"{x(i):.1f},{y(upper[i]):.1f} {x(i + 1):.1f},{y(upper[i]):.1f}" for i in range(BUCKETS)]
-        low_pts = [f"{x(i + 1):.1f},{y(lower[i]):.1f} {x(i):.1f},{y(lower[i]):.1f}"
-                   for i in reversed(range(BUCKETS))]
-        parts.append(f'<polygon points="{" ".join(top_pts + low_pts)}" fill="{COLORS.get(state, "#999")}" '
-                     f'data-state="{state}"><title>{LABELS.get(state, state)}</title></polygon>')
+        low_pts = [f"{x(i + 1):.1f},{y(lower[i]):.1f} {x(i):.1f},{y(lower[i]):.1f}" for i in reversed(range(BUCKETS))]
+        parts.append(
+            f'<polygon points="{" ".join(top_pts + low_pts)}" fill="{COLORS.get(state, "#999")}" '
+            f'data-state="{state}"><title>{LABELS.get(state, state)}</title></polygon>'
+        )
         lower = upper
     span = tl.end - tl.start
     for k in range(5):
         t = tl.start + span * k / 4
-        parts.append(f'<text x="{x(BUCKETS * k / 4):.1f}" y="{height - 12}" text-anchor="middle">'
-                     f"{_fmt_time(t, tl.start, span)}</text>")
+        parts.append(
+            f'<text x="{x(BUCKETS * k / 4):.1f}" y="{height - 12}" text-anchor="middle">'
+            f"{_fmt_time(t, tl.start, span)}</text>"
+        )
     for n, state in enumerate(reversed(tl.states)):
         ly = top + 14 + n * 18
         final = tl.counts[state][-1]
-        parts.append(f'<rect x="{width - right + 14}" y="{ly - 10}" width="12" height="12" '
-                     f'fill="{COLORS.get(state, "#999")}"/><text x="{width - right + 32}" y="{ly}">'
-                     f"{html.escape(LABELS.get(state, state))} ({final})</text>")
+        parts.append(
+            f'<rect x="{width - right + 14}" y="{ly - 10}" width="12" height="12" '
+            f'fill="{COLORS.get(state, "#999")}"/><text x="{width - right + 32}" y="{ly}">'
+            f"{html.escape(LABELS.get(state, state))} ({final})</text>"
+        )
     parts.append("</svg>")
     return "".join(parts)
 
 
-def bars_svg(items: list[tuple[str, float, str]], fmt: Any = str, width: int = 760, label_w: int = 240,
-             ident: str = "") -> str:
+def bars_svg(
+    items: list[tuple[str, float, str]], fmt: Any = str, width: int = 760, label_w: int = 240, ident: str = ""
+) -> str:
     """Horizontal bars: (label, value, colour)."""
     bar_h, gap = 20, 8
     height = max(1, len(items)) * (bar_h + gap) + gap
     peak = max((v for _, v, _ in items), default=0) or 1
     room = width - label_w - 120
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="chart"'
-             + (f' id="{ident}"' if ident else "") + ">"]
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="chart"'
+        + (f' id="{ident}"' if ident else "")
+        + ">"
+    ]
     for n, (label, value, color) in enumerate(items):
         top = gap + n * (bar_h + gap)
         w = max(1.0, room * value / peak) if value > 0 else 0
-        parts.append(f'<text x="{label_w - 8}" y="{top + 15}" text-anchor="end">'
-                     f"{html.escape(label[:40])}</text>"
-                     f'<rect x="{label_w}" y="{top}" width="{w:.1f}" height="{bar_h}" fill="{color}"/>'
-                     f'<text x="{label_w + w + 6:.1f}" y="{top + 15}">{html.escape(fmt(value))}</text>')
+        parts.append(
+            f'<text x="{label_w - 8}" y="{top + 15}" text-anchor="end">'
+            f"{html.escape(label[:40])}</text>"
+            f'<rect x="{label_w}" y="{top}" width="{w:.1f}" height="{bar_h}" fill="{color}"/>'
+            f'<text x="{label_w + w + 6:.1f}" y="{top + 15}">{html.escape(fmt(value))}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -199,10 +227,24 @@ def _cell(key: str, value: Any, money: bool) -> str:
 
 
 def _ledger_table(led: Ledger) -> str:
-    heads = ["job", "provider", "model", "requests", "input_tokens", "output_tokens", "cache_read_tokens",
-             "cache_write_tokens", "cost_usd", "committed_usd", "live_equivalent_usd"]
-    out = ["<table class='ledger'><thead><tr>"
-           + "".join(f"<th>{h.replace('_', ' ')}</th>" for h in heads) + "</tr></thead><tbody>"]
+    heads = [
+        "job",
+        "provider",
+        "model",
+        "requests",
+        "input_tokens",
+        "output_tokens",
+        "cache_read_tokens",
+        "cache_write_tokens",
+        "cost_usd",
+        "committed_usd",
+        "live_equivalent_usd",
+    ]
+    out = [
+        "<table class='ledger'><thead><tr>"
+        + "".join(f"<th>{h.replace('_', ' ')}</th>" for h in heads)
+        + "</tr></thead><tbody>"
+    ]
     for row in led.rows:
         out.append("<tr>" + "".join(_cell(h, row[h], h.endswith("_usd")) for h in heads) + "</tr>")
     total = "".join(_cell(f"total-{h}", led.total[h], h.endswith("_usd")) for h in heads[3:])
@@ -231,22 +273,35 @@ def build_report(store: Store, prices: PriceTable, job: str, now: float | None =
         known = ", ".join(j["name"] for j in store.jobs()) or "none yet"
         raise UsageError(f"--job {job}: no such job in {store.state_dir} (jobs: {known})")
     led = ledger(store, prices, job)
-    summary = job_summaries(store, job).get(job) or {"requests": 0, "done": 0, "failed": 0, "in_flight": 0,
-                                                     "queued": 0, "cost_usd": 0.0, "committed_usd": 0.0}
+    summary = job_summaries(store, job).get(job) or {
+        "requests": 0,
+        "done": 0,
+        "failed": 0,
+        "in_flight": 0,
+        "queued": 0,
+        "cost_usd": 0.0,
+        "committed_usd": 0.0,
+    }
     esc = html.escape
     generated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() if now is None else now))
-    cards = [("requests", f"{summary['requests']:,}"), ("done", f"{summary['done']:,}"),
-             ("failed", f"{summary['failed']:,}"), ("in flight", f"{summary['in_flight']:,}"),
-             ("queued", f"{summary['queued']:,}"), ("cost", usd(led.total["cost_usd"])),
-             ("live equivalent", usd(led.total["live_equivalent_usd"])),
-             ("committed in flight", usd(led.total["committed_usd"]))]
+    cards = [
+        ("requests", f"{summary['requests']:,}"),
+        ("done", f"{summary['done']:,}"),
+        ("failed", f"{summary['failed']:,}"),
+        ("in flight", f"{summary['in_flight']:,}"),
+        ("queued", f"{summary['queued']:,}"),
+        ("cost", usd(led.total["cost_usd"])),
+        ("live equivalent", usd(led.total["live_equivalent_usd"])),
+        ("committed in flight", usd(led.total["committed_usd"])),
+    ]
     body = [
         f"<h1>hipbatch report: {esc(job)}</h1>",
         f"<p class='muted'>{esc(str(job_row.get('provider')))} / {esc(str(job_row.get('model')))} · input "
         f"{esc(str(job_row.get('input_dir')))} · generated {generated} · prices checked "
         f"{esc(prices.checked)}</p>",
-        "<div class='cards'>" + "".join(f"<div class='card'><span class='muted'>{esc(k)}</span>"
-                                        f"<b>{esc(v)}</b></div>" for k, v in cards) + "</div>",
+        "<div class='cards'>"
+        + "".join(f"<div class='card'><span class='muted'>{esc(k)}</span><b>{esc(v)}</b></div>" for k, v in cards)
+        + "</div>",
         "<h2>Timeline</h2>",
     ]
     tl = timeline(store, job, now)
@@ -259,35 +314,53 @@ def build_report(store: Store, prices: PriceTable, job: str, now: float | None =
         parts = _cost_parts(store, prices, job)
         live = led.total["live_equivalent_usd"] or 0.0
         body.append("<p class='muted'>Where the money went, and what the same tokens cost live:</p>")
-        body.append(bars_svg([*parts, ("actual total", led.total["cost_usd"] or 0.0, "#1d2330"),
-                              ("live equivalent", live, "#b0b7c3")], usd, ident="cost-bars"))
+        body.append(
+            bars_svg(
+                [
+                    *parts,
+                    ("actual total", led.total["cost_usd"] or 0.0, "#1d2330"),
+                    ("live equivalent", live, "#b0b7c3"),
+                ],
+                usd,
+                ident="cost-bars",
+            )
+        )
     body.append("<h2>Failure reasons</h2>")
     reasons = store.failure_reasons(job)
     if reasons:
-        body.append(bars_svg([(r, float(n), "#d64545") for r, n in reasons.items()],
-                             lambda v: f"{int(v):,}", ident="failure-bars"))
+        body.append(
+            bars_svg(
+                [(r, float(n), "#d64545") for r, n in reasons.items()], lambda v: f"{int(v):,}", ident="failure-bars"
+            )
+        )
         body.append("<table><thead><tr><th>reason</th><th>requests</th><th>example</th></tr></thead><tbody>")
         for reason, n, message in _reason_examples(store, job):
-            body.append(f"<tr><td>{esc(reason)}</td><td data-value='{n}'>{n:,}</td>"
-                        f"<td>{esc((message or '')[:300])}</td></tr>")
+            body.append(
+                f"<tr><td>{esc(reason)}</td><td data-value='{n}'>{n:,}</td><td>{esc((message or '')[:300])}</td></tr>"
+            )
         body.append("</tbody></table>")
     else:
         body.append("<p class='muted'>No failures.</p>")
-    body.append("<h2>Sample of extracted prompts</h2><table><thead><tr><th>file</th><th>prompt</th></tr>"
-                "</thead><tbody>")
+    body.append(
+        "<h2>Sample of extracted prompts</h2><table><thead><tr><th>file</th><th>prompt</th></tr></thead><tbody>"
+    )
     shown = 0
     for row in store.dataset_rows(job):
-        body.append(f"<tr><td><code>{esc(row['file_name'])}</code></td>"
-                    f"<td class='prompt'>{esc(row['english_prompt'] or '')}</td></tr>")
+        body.append(
+            f"<tr><td><code>{esc(row['file_name'])}</code></td>"
+            f"<td class='prompt'>{esc(row['english_prompt'] or '')}</td></tr>"
+        )
         shown += 1
         if shown >= SAMPLE_PROMPTS:
             break
     body.append("</tbody></table>" + ("" if shown else "<p class='muted'>No prompts extracted yet.</p>"))
-    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
-            "style-src 'unsafe-inline'; img-src data:\">"
-            f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>hipbatch report: "
-            f"{esc(job)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
+        "style-src 'unsafe-inline'; img-src data:\">"
+        f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>hipbatch report: "
+        f"{esc(job)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def _reason_examples(store: Store, job: str) -> list[tuple[str, int, str | None]]:
@@ -320,8 +393,13 @@ def write_report(store: Store, prices: PriceTable, job: str, output: Path) -> Re
     finally:
         part.unlink(missing_ok=True)
     total = ledger(store, prices, job).total
-    return ReportSummary(job=job, output=str(output), bytes=len(page.encode("utf-8")),
-                         cost_usd=total["cost_usd"], live_equivalent_usd=total["live_equivalent_usd"])
+    return ReportSummary(
+        job=job,
+        output=str(output),
+        bytes=len(page.encode("utf-8")),
+        cost_usd=total["cost_usd"],
+        live_equivalent_usd=total["live_equivalent_usd"],
+    )
 
 
 def default_job(store: Store) -> str:

@@ -40,8 +40,9 @@ class RetryReport:
 class _Packer:
     """New shards for one (job, provider, model, endpoint) group, recorded as soon as each is closed."""
 
-    def __init__(self, store: Store, shard: dict[str, Any], max_requests: int, max_bytes: int,
-                 report: RetryReport) -> None:
+    def __init__(
+        self, store: Store, shard: dict[str, Any], max_requests: int, max_bytes: int, report: RetryReport
+    ) -> None:
         self.store, self.report = store, report
         self.group = {k: shard[k] for k in ("job", "provider", "model", "endpoint")}
         job = _safe(str(shard["job"]))
@@ -64,20 +65,30 @@ class _Packer:
     def _record(self, shard: Shard) -> None:
         self.store.move_requests_to_shard(
             sorted(shard.ids),
-            {**self.group, "key": shard.key, "path": str(shard.path), "n_requests": shard.n_requests,
-             "n_bytes": shard.n_bytes, "est_tokens": shard.est_tokens},
+            {
+                **self.group,
+                "key": shard.key,
+                "path": str(shard.path),
+                "n_requests": shard.n_requests,
+                "n_bytes": shard.n_bytes,
+                "est_tokens": shard.est_tokens,
+            },
         )
         self.report.shards.append(str(shard.path))
 
 
-def requeue_for_retry(store: Store, adapters: Adapters, reasons: Iterable[str] = RETRYABLE,
-                      max_attempts: int | None = None, job: str | None = None) -> RetryReport:
+def requeue_for_retry(
+    store: Store,
+    adapters: Adapters,
+    reasons: Iterable[str] = RETRYABLE,
+    max_attempts: int | None = None,
+    job: str | None = None,
+) -> RetryReport:
     """Put the requests in these states into new queued shards; nothing is sent here."""
     reasons = [str(r) for r in reasons]
     unknown = sorted(set(reasons) - {str(s) for s in RETRYABLE})
     if unknown:
-        raise UsageError(f"--only {unknown[0]}: not a retry reason; use any of "
-                         f"{', '.join(str(s) for s in RETRYABLE)}")
+        raise UsageError(f"--only {unknown[0]}: not a retry reason; use any of {', '.join(str(s) for s in RETRYABLE)}")
     report = RetryReport(reasons=reasons)
     # Only the selected requests are held (custom_id -> row, grouped by the shard they were sent in); the
     # shard files themselves are streamed line by line.
@@ -139,10 +150,16 @@ def _copy_lines(path: Path, rows: dict[str, dict[str, Any]], packer: _Packer) ->
                 packer.add(raw if raw.endswith(b"\n") else raw + b"\n", row)
 
 
-def retry(store: Store, adapters: Adapters, reasons: Iterable[str] = RETRYABLE,
-          max_attempts: int | None = None, job: str | None = None, window: Window | None = None,
-          force: bool = False,
-          sleep: Callable[[float], None] = time.sleep) -> RetryReport:
+def retry(
+    store: Store,
+    adapters: Adapters,
+    reasons: Iterable[str] = RETRYABLE,
+    max_attempts: int | None = None,
+    job: str | None = None,
+    window: Window | None = None,
+    force: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+) -> RetryReport:
     """Resubmit, in new batches, the requests with no good answer (requests with one are never touched)."""
     report = requeue_for_retry(store, adapters, reasons, max_attempts, job)
     report.feed = feed(store, adapters, window, force=force, sleep=sleep)
@@ -177,8 +194,13 @@ def cancel_targets(store: Store, batch_ids: list[str] | None, job: str | None = 
     return rows
 
 
-def cancel(store: Store, adapters: Adapters, batch_ids: list[str] | None = None, job: str | None = None,
-           sleep: Callable[[float], None] = time.sleep) -> CancelReport:
+def cancel(
+    store: Store,
+    adapters: Adapters,
+    batch_ids: list[str] | None = None,
+    job: str | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> CancelReport:
     """Cancel batches at the provider (results already produced are collected later like any other).
 
     Without ids, everything unfinished stops: shards still in the local queue are taken out (their requests
@@ -200,15 +222,15 @@ def cancel(store: Store, adapters: Adapters, batch_ids: list[str] | None = None,
             # Most often the batch ended meanwhile; the next status or collect sees its real state.
             report.errors.append(f"{row['id']}: {e}")
             try:
-                store.update_batch(retrying(adapters.get(row["provider"]).status, row["id"], sleep=sleep,
-                                            attempts=3))
+                store.update_batch(retrying(adapters.get(row["provider"]).status, row["id"], sleep=sleep, attempts=3))
             except HipbatchError:
                 pass
     return report
 
 
-def _adopt_orphans(store: Store, adapters: Adapters, job: str | None, report: CancelReport,
-                   sleep: Callable[[float], None]) -> None:
+def _adopt_orphans(
+    store: Store, adapters: Adapters, job: str | None, report: CancelReport, sleep: Callable[[float], None]
+) -> None:
     """Shards whose create was interrupted: adopt the batch if the provider has one, else mark them unsent."""
     for shard in store.shards_in_states([ShardState.CREATING]):
         if job and shard["job"] != job:
@@ -230,4 +252,3 @@ def _adopt_orphans(store: Store, adapters: Adapters, job: str | None, report: Ca
         else:
             # We hold the state-dir lock, so no create is in flight: no batch exists for this shard.
             store.update_shard(shard["id"], state=ShardState.UPLOADED)
-

@@ -85,8 +85,7 @@ class Store:
         self.state_dir = state_dir
         state_dir.mkdir(parents=True, exist_ok=True)
         self.lock = StateLock(state_dir)
-        conn = sqlite3.connect(state_dir / "hipbatch.db", timeout=60, isolation_level=None,
-                               check_same_thread=False)
+        conn = sqlite3.connect(state_dir / "hipbatch.db", timeout=60, isolation_level=None, check_same_thread=False)
         self.db = Database(conn, execute_plugins=False)  # no plugin scan: 50 ms off every command start
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
@@ -179,8 +178,9 @@ class Store:
         found: set[str] = set()
         for chunk in _chunks(custom_ids, 900):
             marks = ",".join("?" * len(chunk))
-            found.update(r[0] for r in self.db.execute(
-                f"SELECT custom_id FROM requests WHERE custom_id IN ({marks})", chunk))
+            found.update(
+                r[0] for r in self.db.execute(f"SELECT custom_id FROM requests WHERE custom_id IN ({marks})", chunk)
+            )
         return found
 
     def add_shard(self, shard: dict[str, Any], requests: Iterable[dict[str, Any]]) -> int:
@@ -192,8 +192,7 @@ class Store:
             shard_id = int(table.last_pk)  # type: ignore[arg-type]
             for chunk in _chunks(requests):
                 for row in chunk:
-                    row.update(shard_id=shard_id, state=RequestState.PENDING, created_at=now,
-                               updated_at=now)
+                    row.update(shard_id=shard_id, state=RequestState.PENDING, created_at=now, updated_at=now)
                 self.table("requests").insert_all(chunk, pk="custom_id", batch_size=CHUNK, ignore=True)
         return shard_id
 
@@ -210,10 +209,13 @@ class Store:
                     "output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, answered_at, superseded_at) "
                     "SELECT custom_id, job, provider, model, batch_id, via, input_tokens, output_tokens, "
                     f"cache_read_tokens, cache_write_tokens, cost_usd, answered_at, ? FROM requests WHERE {where}",
-                    [now, *chunk]).rowcount
+                    [now, *chunk],
+                ).rowcount
                 self.db.execute(
                     "UPDATE requests SET input_tokens = 0, output_tokens = 0, cache_read_tokens = 0, "
-                    f"cache_write_tokens = 0, cost_usd = NULL WHERE {where}", list(chunk))
+                    f"cache_write_tokens = 0, cost_usd = NULL WHERE {where}",
+                    list(chunk),
+                )
         return moved
 
     def move_requests_to_shard(self, custom_ids: Sequence[str], shard: dict[str, Any]) -> int:
@@ -237,8 +239,9 @@ class Store:
     def request(self, custom_id: str) -> dict[str, Any] | None:
         return self._get("requests", custom_id)
 
-    def requests_in_states(self, states: Iterable[str], job: str | None = None,
-                           max_attempts: int | None = None) -> Iterator[dict[str, Any]]:
+    def requests_in_states(
+        self, states: Iterable[str], job: str | None = None, max_attempts: int | None = None
+    ) -> Iterator[dict[str, Any]]:
         states = list(states)
         where = f"state IN ({','.join('?' * len(states))})"
         args: list[Any] = list(states)
@@ -248,16 +251,19 @@ class Store:
         if max_attempts is not None:
             where += " AND attempts < ?"
             args.append(max_attempts)
-        yield from self.table("requests").rows_where(where, args, order_by="shard_id, custom_id",
-                                                   select="custom_id, shard_id, provider, model, endpoint, "
-                                                          "job, est_input_tokens, attempts, state")
+        yield from self.table("requests").rows_where(
+            where,
+            args,
+            order_by="shard_id, custom_id",
+            select="custom_id, shard_id, provider, model, endpoint, job, est_input_tokens, attempts, state",
+        )
 
     def batch_request_ids(self, batch_id: str) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT custom_id FROM requests WHERE batch_id = ?",
-                                              [batch_id])}
+        return {r[0] for r in self.db.execute("SELECT custom_id FROM requests WHERE batch_id = ?", [batch_id])}
 
-    def save_results(self, rows: Sequence[dict[str, Any]], keep_success: bool = True,
-                     from_batch: str | None = None) -> None:
+    def save_results(
+        self, rows: Sequence[dict[str, Any]], keep_success: bool = True, from_batch: str | None = None
+    ) -> None:
         """Store outcomes (state, reply, prompt, usage...) keyed by custom_id, in bulk.
 
         With keep_success, a request that already has a good answer is never overwritten by a worse one
@@ -287,8 +293,9 @@ class Store:
                     sets = ", ".join(f"{c} = ?" for c in cols)
                     self.db.conn.executemany(f"UPDATE requests SET {sets} WHERE custom_id = ?{guard}", many)
 
-    def save_results_staged(self, rows: Iterable[dict[str, Any]], keep_success: bool = True,
-                            from_batch: str | None = None) -> int:
+    def save_results_staged(
+        self, rows: Iterable[dict[str, Any]], keep_success: bool = True, from_batch: str | None = None
+    ) -> int:
         """save_results for a whole batch streamed in: the same rules, applied in the ledger's row order.
 
         Result lines come in any order; updating the ledger in that order rewrites pages at random (about 3x
@@ -314,8 +321,11 @@ class Store:
                     new = [c for c in cols if c not in staged]
                     if not groups_made:
                         groups_made = True
-                        db.execute("CREATE TEMP TABLE hb_staged (rid INTEGER, seq INTEGER, grp INTEGER"
-                                   + "".join(f", {c}" for c in new) + ")")
+                        db.execute(
+                            "CREATE TEMP TABLE hb_staged (rid INTEGER, seq INTEGER, grp INTEGER"
+                            + "".join(f", {c}" for c in new)
+                            + ")"
+                        )
                     else:
                         for c in new:
                             db.execute(f"ALTER TABLE temp.hb_staged ADD COLUMN {c}")
@@ -325,8 +335,11 @@ class Store:
             for grp, many in by_group.items():
                 cols = next(c for c, g in groups.items() if g == grp)
                 marks = ", ".join("?" * (len(cols) + 2))
-                db.executemany(f"INSERT INTO temp.hb_staged (rid, seq, grp{''.join(', ' + c for c in cols)}) "
-                               f"SELECT rowid, {marks} FROM requests WHERE custom_id = ?", many)
+                db.executemany(
+                    f"INSERT INTO temp.hb_staged (rid, seq, grp{''.join(', ' + c for c in cols)}) "
+                    f"SELECT rowid, {marks} FROM requests WHERE custom_id = ?",
+                    many,
+                )
         if not groups_made:
             return n
         state = "s.state" if "state" in staged else "NULL"
@@ -337,21 +350,25 @@ class Store:
         if from_batch is not None:
             guard += f" AND (requests.batch_id = ? OR {state} = ?)"
         guard_args = ([RequestState.SUCCEEDED] * 2 if keep_success else []) + (
-            [from_batch, RequestState.SUCCEEDED] if from_batch is not None else [])
+            [from_batch, RequestState.SUCCEEDED] if from_batch is not None else []
+        )
 
         def apply(cols: tuple[str, ...], where: str, where_args: list[Any]) -> None:
             sets = "".join(f", {c} = s.{c}" for c in cols)
             db.execute(
                 f"UPDATE requests SET updated_at = ?{sets} FROM (SELECT * FROM temp.hb_staged WHERE {where} "
-                f"ORDER BY rid) AS s WHERE requests.rowid = s.rid{guard}", [*args, *where_args, *guard_args])
+                f"ORDER BY rid) AS s WHERE requests.rowid = s.rid{guard}",
+                [*args, *where_args, *guard_args],
+            )
 
         twice = [r[0] for r in db.execute("SELECT rid FROM temp.hb_staged GROUP BY rid HAVING count(*) > 1")]
         if twice:
             by_grp = {g: c for c, g in groups.items()}
             for chunk in _chunks(twice, 500):
                 marks = ",".join("?" * len(chunk))
-                for seq, grp in db.execute(f"SELECT seq, grp FROM temp.hb_staged WHERE rid IN ({marks}) "
-                                           "ORDER BY seq", chunk).fetchall():
+                for seq, grp in db.execute(
+                    f"SELECT seq, grp FROM temp.hb_staged WHERE rid IN ({marks}) ORDER BY seq", chunk
+                ).fetchall():
                     apply(by_grp[grp], "seq = ?", [seq])
                 db.execute(f"DELETE FROM temp.hb_staged WHERE rid IN ({marks})", chunk)
         for cols, grp in groups.items():
@@ -405,9 +422,11 @@ class Store:
         return dict(rows)
 
     def failure_reasons(self, job: str | None = None) -> dict[str, int]:
-        sql = ("SELECT state || CASE WHEN error_code IS NOT NULL AND error_code != state "
-               "THEN ':' || error_code ELSE '' END, count(*) FROM requests WHERE state NOT IN (?, ?, ?) {} "
-               "GROUP BY 1 ORDER BY 2 DESC")
+        sql = (
+            "SELECT state || CASE WHEN error_code IS NOT NULL AND error_code != state "
+            "THEN ':' || error_code ELSE '' END, count(*) FROM requests WHERE state NOT IN (?, ?, ?) {} "
+            "GROUP BY 1 ORDER BY 2 DESC"
+        )
         args = [RequestState.SUCCEEDED, RequestState.PENDING, RequestState.SUBMITTED]
         if job:
             return dict(self.db.execute(sql.format("AND job = ?"), [*args, job]).fetchall())
@@ -423,8 +442,7 @@ class Store:
 
     def shards_in_states(self, states: Iterable[str]) -> list[dict[str, Any]]:
         states = list(states)
-        return list(self.table("shards").rows_where(
-            f"state IN ({','.join('?' * len(states))})", states, order_by="id"))
+        return list(self.table("shards").rows_where(f"state IN ({','.join('?' * len(states))})", states, order_by="id"))
 
     def next_shard_number(self) -> int:
         row = self.db.execute("SELECT coalesce(max(id), 0) + 1 FROM shards").fetchone()
@@ -440,14 +458,24 @@ class Store:
         with self.db.atomic():
             self.table("batches").upsert(
                 {
-                    "id": info.id, "shard_id": shard["id"], "job": shard["job"],
-                    "provider": shard["provider"], "model": shard["model"], "status": info.status,
-                    "is_final": int(info.is_final), "total": info.total, "done": info.done,
-                    "failed": info.failed, "counts_final_only": int(info.counts_final_only),
-                    "created_at": info.created_at or now, "expires_at": info.expires_at,
-                    "output_file_id": info.output_file_id, "error_file_id": info.error_file_id,
+                    "id": info.id,
+                    "shard_id": shard["id"],
+                    "job": shard["job"],
+                    "provider": shard["provider"],
+                    "model": shard["model"],
+                    "status": info.status,
+                    "is_final": int(info.is_final),
+                    "total": info.total,
+                    "done": info.done,
+                    "failed": info.failed,
+                    "counts_final_only": int(info.counts_final_only),
+                    "created_at": info.created_at or now,
+                    "expires_at": info.expires_at,
+                    "output_file_id": info.output_file_id,
+                    "error_file_id": info.error_file_id,
                     "errors": json.dumps(info.errors) if info.errors else None,
-                    "adopted": int(adopted), "refreshed_at": now,
+                    "adopted": int(adopted),
+                    "refreshed_at": now,
                 },
                 pk="id",
             )
@@ -467,20 +495,24 @@ class Store:
                 "updated_at = ? WHERE batch_id = ? AND state = ?",
                 [RequestState.PENDING, now, batch_id, RequestState.SUBMITTED],
             )
-            self.db.execute("UPDATE shards SET state = ?, batch_id = NULL, file_id = NULL, "
-                            "requeues = requeues + 1, updated_at = ? WHERE id = ?",
-                            [ShardState.QUEUED, now, shard_id])
+            self.db.execute(
+                "UPDATE shards SET state = ?, batch_id = NULL, file_id = NULL, "
+                "requeues = requeues + 1, updated_at = ? WHERE id = ?",
+                [ShardState.QUEUED, now, shard_id],
+            )
             self.db.execute("UPDATE batches SET collected = 1 WHERE id = ?", [batch_id])
 
     def shard_ids_with_pending(self, shard_id: int) -> int:
-        row = self.db.execute("SELECT count(*) FROM requests WHERE shard_id = ? AND state = ?",
-                              [shard_id, RequestState.PENDING]).fetchone()
+        row = self.db.execute(
+            "SELECT count(*) FROM requests WHERE shard_id = ? AND state = ?", [shard_id, RequestState.PENDING]
+        ).fetchone()
         return int(row[0])
 
     def pending_in_shard(self, shard_id: int) -> set[str]:
         """custom_ids of a shard's requests that still wait to be sent."""
-        rows = self.db.execute("SELECT custom_id FROM requests WHERE shard_id = ? AND state = ?",
-                               [shard_id, RequestState.PENDING])
+        rows = self.db.execute(
+            "SELECT custom_id FROM requests WHERE shard_id = ? AND state = ?", [shard_id, RequestState.PENDING]
+        )
         return {r[0] for r in rows}
 
     def cancel_queued_shards(self, job: str | None = None) -> tuple[int, int]:
@@ -495,13 +527,24 @@ class Store:
             n = 0
             for chunk in _chunks(ids, 500):
                 marks = ",".join("?" * len(chunk))
-                n += int(self.db.execute(
-                    f"UPDATE requests SET state = ?, error_code = ?, error_message = ?, updated_at = ? "
-                    f"WHERE state = ? AND shard_id IN ({marks})",
-                    [RequestState.CANCELED, RequestState.CANCELED, "cancelled before it was sent", now,
-                     RequestState.PENDING, *chunk]).rowcount)
-                self.db.execute(f"UPDATE shards SET state = ?, updated_at = ? WHERE id IN ({marks})",
-                                [ShardState.CANCELED, now, *chunk])
+                n += int(
+                    self.db.execute(
+                        f"UPDATE requests SET state = ?, error_code = ?, error_message = ?, updated_at = ? "
+                        f"WHERE state = ? AND shard_id IN ({marks})",
+                        [
+                            RequestState.CANCELED,
+                            RequestState.CANCELED,
+                            "cancelled before it was sent",
+                            now,
+                            RequestState.PENDING,
+                            *chunk,
+                        ],
+                    ).rowcount
+                )
+                self.db.execute(
+                    f"UPDATE shards SET state = ?, updated_at = ? WHERE id IN ({marks})",
+                    [ShardState.CANCELED, now, *chunk],
+                )
         return len(ids), n
 
     def live_work(self, job: str, file_names: Sequence[str]) -> Iterator[dict[str, Any]]:
@@ -532,8 +575,7 @@ class Store:
             args.append(job)
         if unfinished_only:
             where.append("is_final = 0")
-        return list(self.table("batches").rows_where(" AND ".join(where) or None, args,
-                                                     order_by="created_at, id"))
+        return list(self.table("batches").rows_where(" AND ".join(where) or None, args, order_by="created_at, id"))
 
     def batches_to_collect(self) -> list[dict[str, Any]]:
         return list(self.table("batches").rows_where("is_final = 1 AND collected = 0", order_by="created_at"))
@@ -542,12 +584,22 @@ class Store:
         return {r[0] for r in self.db.execute("SELECT id FROM batches")}
 
     def update_batch(self, info: BatchInfo) -> None:
-        self.table("batches").update(info.id, {
-            "status": info.status, "is_final": int(info.is_final), "total": info.total, "done": info.done,
-            "failed": info.failed, "expires_at": info.expires_at, "output_file_id": info.output_file_id,
-            "error_file_id": info.error_file_id, "errors": json.dumps(info.errors) if info.errors else None,
-            "finished_at": time.time() if info.is_final else None, "refreshed_at": time.time(),
-        })
+        self.table("batches").update(
+            info.id,
+            {
+                "status": info.status,
+                "is_final": int(info.is_final),
+                "total": info.total,
+                "done": info.done,
+                "failed": info.failed,
+                "expires_at": info.expires_at,
+                "output_file_id": info.output_file_id,
+                "error_file_id": info.error_file_id,
+                "errors": json.dumps(info.errors) if info.errors else None,
+                "finished_at": time.time() if info.is_final else None,
+                "refreshed_at": time.time(),
+            },
+        )
 
     def mark_collected(self, batch_id: str) -> None:
         self.table("batches").update(batch_id, {"collected": 1})
@@ -559,8 +611,10 @@ class Store:
 
     def in_flight(self, provider: str, model: str | None = None) -> tuple[int, int]:
         """(batches, estimated input tokens) currently at the provider and not final."""
-        sql = ("SELECT count(*), coalesce(sum(s.est_tokens), 0) FROM batches b JOIN shards s "
-               "ON s.id = b.shard_id WHERE b.is_final = 0 AND b.provider = ?")
+        sql = (
+            "SELECT count(*), coalesce(sum(s.est_tokens), 0) FROM batches b JOIN shards s "
+            "ON s.id = b.shard_id WHERE b.is_final = 0 AND b.provider = ?"
+        )
         args = [provider]
         if model:
             sql += " AND b.model = ?"

@@ -79,10 +79,20 @@ class FeedReport:
     duplicates_cancelled: list[str] = field(default_factory=list)  # extra batches found for one shard
 
 
-def prepare(store: Store, template: Template, provider: Provider, model: str, params: dict[str, Any],
-            input_dir: Path, job: str, pattern: str = "**/*.hip", limit: int | None = None,
-            max_requests_per_batch: int | None = None, dry_run: bool = False,
-            progress: Progress | None = None) -> PrepareReport:
+def prepare(
+    store: Store,
+    template: Template,
+    provider: Provider,
+    model: str,
+    params: dict[str, Any],
+    input_dir: Path,
+    job: str,
+    pattern: str = "**/*.hip",
+    limit: int | None = None,
+    max_requests_per_batch: int | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> PrepareReport:
     """Render every file, record it, and write the requests the store does not know into shards.
 
     Streams end to end: one folder listing, one file and one chunk of requests are in memory at a time.
@@ -99,8 +109,9 @@ def prepare(store: Store, template: Template, provider: Provider, model: str, pa
     total = None
     if getattr(progress, "active", False):  # a second listing costs little next to reading the files
         total = sum(1 for _ in itertools.islice(iter_discover(input_dir, pattern), limit))
-    report = PrepareReport(job=job, provider=provider.name, model=model, dry_run=dry_run,
-                           max_tokens=int(params.get("max_tokens") or 0))
+    report = PrepareReport(
+        job=job, provider=provider.name, model=model, dry_run=dry_run, max_tokens=int(params.get("max_tokens") or 0)
+    )
     shard_dir = store.state_dir / ("dry-run" if dry_run else "shards") / _safe(job)
     if dry_run:  # a preview replaces the previous one instead of piling up next to it
         for old in [*shard_dir.glob("*.jsonl"), *shard_dir.glob("*.jsonl.part")]:
@@ -108,8 +119,13 @@ def prepare(store: Store, template: Template, provider: Provider, model: str, pa
     max_requests = min(provider.max_requests, max_requests_per_batch or provider.max_requests)
     writer = _Packer(store, provider, shard_dir, job, model, params, max_requests, dry_run, report)
     if not dry_run:
-        store.upsert_job(job, provider=provider.name, model=model, input_dir=str(input_dir.resolve()),
-                         template_dir=str(template.path.resolve()))
+        store.upsert_job(
+            job,
+            provider=provider.name,
+            model=model,
+            input_dir=str(input_dir.resolve()),
+            template_dir=str(template.path.resolve()),
+        )
     encoder = LineEncoder(provider, model, params)
     stamp = time.time()
     base = str(input_dir)
@@ -151,14 +167,29 @@ def prepare(store: Store, template: Template, provider: Provider, model: str, pa
 class _Packer:
     """Dedups a chunk of rendered requests against the store and the open shard, then writes new ones."""
 
-    def __init__(self, store: Store, provider: Provider, shard_dir: Path, job: str, model: str,
-                 params: dict[str, Any], max_requests: int, dry_run: bool, report: PrepareReport) -> None:
+    def __init__(
+        self,
+        store: Store,
+        provider: Provider,
+        shard_dir: Path,
+        job: str,
+        model: str,
+        params: dict[str, Any],
+        max_requests: int,
+        dry_run: bool,
+        report: PrepareReport,
+    ) -> None:
         from hipbatch.pack import ShardWriter
 
         self.store, self.provider, self.job, self.model = store, provider, job, model
         self.dry_run, self.report = dry_run, report
-        self.writer = ShardWriter(shard_dir, f"{_safe(job)[:40]}-{store.next_shard_number():06d}",
-                                  max_requests, provider.max_bytes, durable=not dry_run)
+        self.writer = ShardWriter(
+            shard_dir,
+            f"{_safe(job)[:40]}-{store.next_shard_number():06d}",
+            max_requests,
+            provider.max_bytes,
+            durable=not dry_run,
+        )
         self.params = params
 
     def add_chunk(self, chunk: list[tuple[str, str, bytes, int]], file_rows: list[dict[str, Any]]) -> None:
@@ -198,14 +229,29 @@ class _Packer:
         self.report.shards.append(str(shard.path))
         if self.dry_run:
             return
-        fixed = {"job": self.job, "provider": self.provider.name, "model": self.model,
-                 "endpoint": self.provider.endpoint, "max_tokens": self.report.max_tokens}
+        fixed = {
+            "job": self.job,
+            "provider": self.provider.name,
+            "model": self.model,
+            "endpoint": self.provider.endpoint,
+            "max_tokens": self.report.max_tokens,
+        }
         self.store.add_shard(
-            {"key": shard.key, "job": self.job, "provider": self.provider.name, "model": self.model,
-             "endpoint": self.provider.endpoint, "path": str(shard.path), "n_requests": shard.n_requests,
-             "n_bytes": shard.n_bytes, "est_tokens": shard.est_tokens},
-            ({"custom_id": cid, "file_name": name, "est_input_tokens": tokens, **fixed}
-             for cid, name, tokens in shard.requests),
+            {
+                "key": shard.key,
+                "job": self.job,
+                "provider": self.provider.name,
+                "model": self.model,
+                "endpoint": self.provider.endpoint,
+                "path": str(shard.path),
+                "n_requests": shard.n_requests,
+                "n_bytes": shard.n_bytes,
+                "est_tokens": shard.est_tokens,
+            },
+            (
+                {"custom_id": cid, "file_name": name, "est_input_tokens": tokens, **fixed}
+                for cid, name, tokens in shard.requests
+            ),
         )
         shard.requests.clear()
 
@@ -258,9 +304,15 @@ def pick_window(window: Window | Mapping[str, Window] | None, provider: str) -> 
     return window if isinstance(window, Window) else window[provider]
 
 
-def feed(store: Store, adapters: Adapters, window: Window | Mapping[str, Window] | None = None,
-         force: bool = False, resume_only: bool = False,
-         sleep: Callable[[float], None] = time.sleep, progress: Progress | None = None) -> FeedReport:
+def feed(
+    store: Store,
+    adapters: Adapters,
+    window: Window | Mapping[str, Window] | None = None,
+    force: bool = False,
+    resume_only: bool = False,
+    sleep: Callable[[float], None] = time.sleep,
+    progress: Progress | None = None,
+) -> FeedReport:
     """Finish interrupted submits, then (unless resume_only) send queued shards while the window allows.
 
     A shard that cannot be sent (ambiguous, or a provider error after retries) is reported and left as it
@@ -302,8 +354,12 @@ def without_answered(store: Store, shard: dict[str, Any]) -> dict[str, Any] | No
 
         path = Path(shard["path"])
         per_line = int(shard["est_tokens"] or 0) // max(int(shard["n_requests"] or 0), 1)
-        writer = ShardWriter(path.parent, f"{_safe(str(shard['job']))[:40]}-{store.next_shard_number():06d}",
-                             max(len(pending), 1), 1 << 62)
+        writer = ShardWriter(
+            path.parent,
+            f"{_safe(str(shard['job']))[:40]}-{store.next_shard_number():06d}",
+            max(len(pending), 1),
+            1 << 62,
+        )
         with path.open("rb") as src:
             for raw in src:
                 custom_id = json.loads(raw).get("custom_id") if raw.strip() else None
@@ -313,9 +369,14 @@ def without_answered(store: Store, shard: dict[str, Any]) -> dict[str, Any] | No
         new = writer.close()
         if new is None:
             return None  # its pending lines are not in the file: never send the answered ones instead
-        row = {**{k: shard[k] for k in ("job", "provider", "model", "endpoint")}, "key": new.key,
-               "path": str(new.path), "n_requests": new.n_requests, "n_bytes": new.n_bytes,
-               "est_tokens": new.est_tokens}
+        row = {
+            **{k: shard[k] for k in ("job", "provider", "model", "endpoint")},
+            "key": new.key,
+            "path": str(new.path),
+            "n_requests": new.n_requests,
+            "n_bytes": new.n_bytes,
+            "est_tokens": new.est_tokens,
+        }
         with store.atomic():
             new_id = store.move_requests_to_shard(sorted(new.ids), row)
             store.update_shard(shard["id"], state=ShardState.ANSWERED)
@@ -324,8 +385,15 @@ def without_answered(store: Store, shard: dict[str, Any]) -> dict[str, Any] | No
     return None if new_id is None else store.shard(new_id)
 
 
-def _send_reported(store: Store, adapters: Adapters, shard: dict[str, Any], report: FeedReport, force: bool,
-                   sleep: Callable[[float], None], down: set[str]) -> None:
+def _send_reported(
+    store: Store,
+    adapters: Adapters,
+    shard: dict[str, Any],
+    report: FeedReport,
+    force: bool,
+    sleep: Callable[[float], None],
+    down: set[str],
+) -> None:
     if shard["provider"] in down:
         return
     try:
@@ -339,8 +407,14 @@ def _send_reported(store: Store, adapters: Adapters, shard: dict[str, Any], repo
         report.errors.append(f"shard {Path(shard['path']).name}: {e}")
 
 
-def _send(store: Store, adapters: Adapters, shard: dict[str, Any], report: FeedReport, force: bool,
-          sleep: Callable[[float], None]) -> None:
+def _send(
+    store: Store,
+    adapters: Adapters,
+    shard: dict[str, Any],
+    report: FeedReport,
+    force: bool,
+    sleep: Callable[[float], None],
+) -> None:
     try:
         provider = adapters.get(shard["provider"])
         provider.check_key()
@@ -372,8 +446,16 @@ def _send(store: Store, adapters: Adapters, shard: dict[str, Any], report: FeedR
     report.created.append(info.id)
 
 
-def _create(store: Store, provider: Provider, shard: dict[str, Any], tag: dict[str, str], force: bool,
-            sleep: Callable[[float], None], report: FeedReport | None = None, attempts: int = 6) -> BatchInfo:
+def _create(
+    store: Store,
+    provider: Provider,
+    shard: dict[str, Any],
+    tag: dict[str, str],
+    force: bool,
+    sleep: Callable[[float], None],
+    report: FeedReport | None = None,
+    attempts: int = 6,
+) -> BatchInfo:
     """Create a batch with no blind retries: after an ambiguous failure, look before trying again."""
     path = Path(shard["path"])
     # One intent time for every attempt of this call: a batch made by an early attempt whose answer was
@@ -408,9 +490,15 @@ def _create(store: Store, provider: Provider, shard: dict[str, Any], tag: dict[s
 CLOCK_SKEW = 60.0
 
 
-def _look_for_batch(store: Store, provider: Provider, shard: dict[str, Any], tag: dict[str, str],
-                    sleep: Callable[[float], None], force: bool = False,
-                    report: FeedReport | None = None) -> BatchInfo | None:
+def _look_for_batch(
+    store: Store,
+    provider: Provider,
+    shard: dict[str, Any],
+    tag: dict[str, str],
+    sleep: Callable[[float], None],
+    force: bool = False,
+    report: FeedReport | None = None,
+) -> BatchInfo | None:
     """The provider batch an interrupted create made for this shard, if any.
 
     With metadata (OpenAI) the tag names the shard exactly; should a create have happened twice, the
@@ -422,8 +510,9 @@ def _look_for_batch(store: Store, provider: Provider, shard: dict[str, Any], tag
     if not provider.has_metadata:
         since -= CLOCK_SKEW
     known = store.known_batch_ids()
-    candidates = [b for b in retrying(provider.find, tag, since, int(shard["n_requests"]), sleep=sleep)
-                  if b.id not in known]
+    candidates = [
+        b for b in retrying(provider.find, tag, since, int(shard["n_requests"]), sleep=sleep) if b.id not in known
+    ]
     if not candidates:
         return None
     if provider.has_metadata or len(candidates) == 1:
@@ -435,8 +524,7 @@ def _look_for_batch(store: Store, provider: Provider, shard: dict[str, Any], tag
                     report.duplicates_cancelled.append(extra.id)
             except ProviderError as e:
                 if report is not None:
-                    report.errors.append(f"duplicate batch {extra.id} of shard {shard['key']}: cancel it "
-                                         f"by hand ({e})")
+                    report.errors.append(f"duplicate batch {extra.id} of shard {shard['key']}: cancel it by hand ({e})")
         return candidates[0]
     if force:
         return None
@@ -446,14 +534,20 @@ def _look_for_batch(store: Store, provider: Provider, shard: dict[str, Any], tag
 
 def _ambiguous_message(shard: dict[str, Any], ids: list[str] | None = None) -> str:
     which = f" (candidates: {', '.join(ids)})" if ids else ""
-    return (f"shard {Path(shard['path']).name} of job {shard['job']}: a batch may already exist at "
-            f"{shard['provider']}{which} and cannot be told apart, so it is not resubmitted; check the "
-            "provider's console, cancel any duplicate, then rerun with --force to submit it again")
+    return (
+        f"shard {Path(shard['path']).name} of job {shard['job']}: a batch may already exist at "
+        f"{shard['provider']}{which} and cannot be told apart, so it is not resubmitted; check the "
+        "provider's console, cancel any duplicate, then rerun with --force to submit it again"
+    )
 
 
-def provider_for_job(config: Config, template: Template, provider_name: str, model: str | None,
-                     factory: Callable[[ProviderSettings], Provider] = get_provider
-                     ) -> tuple[Provider, str, dict[str, Any]]:
+def provider_for_job(
+    config: Config,
+    template: Template,
+    provider_name: str,
+    model: str | None,
+    factory: Callable[[ProviderSettings], Provider] = get_provider,
+) -> tuple[Provider, str, dict[str, Any]]:
     """The adapter, model and request params for a submit, after the precedence rules."""
     settings, chosen, params = resolve(config, provider_name, template.defaults_for(provider_name), model)
     return factory(settings), chosen, params

@@ -14,9 +14,20 @@ from typer.testing import CliRunner
 from hipbatch.cli import app
 from hipbatch.emulator import EmulatorConfig, LocalBatchServer
 
-PROVIDER_ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID", "ANTHROPIC_API_KEY",
-                "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL", "ANTHROPIC_PROFILE", "HIPBATCH_MODEL",
-                "HIPBATCH_STATE_DIR", "OPENAI_CUSTOM_HEADERS", "ANTHROPIC_CUSTOM_HEADERS")
+PROVIDER_ENV = (
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "OPENAI_ORG_ID",
+    "OPENAI_PROJECT_ID",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_PROFILE",
+    "HIPBATCH_MODEL",
+    "HIPBATCH_STATE_DIR",
+    "OPENAI_CUSTOM_HEADERS",
+    "ANTHROPIC_CUSTOM_HEADERS",
+)
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,8 @@ def test_template_defaults_when_nothing_else() -> None:
 def test_precedence_cli_env_config_template(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "hipbatch.toml").write_text(
         '[providers.openai]\nmodel = "cfg-model"\nmax_tokens = 200\nbase_url = "http://cfg/v1"\n'
-        'api_key_env = "MY_KEY"\n')
+        'api_key_env = "MY_KEY"\n'
+    )
     config = load_config(None)
     settings, model, params = resolve(config, "openai", TEMPLATE)
     assert (model, params["max_tokens"], params["temperature"]) == ("cfg-model", 200, 0.5)
@@ -37,11 +38,14 @@ def test_precedence_cli_env_config_template(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_seed_style_config_json_with_literal_key_warns_and_never_copies(
-        openai_env: LocalBatchServer, hip_dir: Path, tmp_path: Path) -> None:
+    openai_env: LocalBatchServer, hip_dir: Path, tmp_path: Path
+) -> None:
     secret = "sk-literal-secret-123"
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"providers": {"openai": {"model": "json-model", "api_key": secret},
-                       "anthropic": {"model": "claude-x"}}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"providers": {"openai": {"model": "json-model", "api_key": secret}, "anthropic": {"model": "claude-x"}}}
+        )
+    )
     out = cli("submit", hip_dir)
     assert "literal key" in out.stderr and "ignored" in out.stderr and secret not in out.stderr
     cli("collect", "--wait", "--poll-interval", "0.05")
@@ -52,10 +56,12 @@ def test_seed_style_config_json_with_literal_key_warns_and_never_copies(
             assert b"test-key" not in path.read_bytes(), path  # the env key is never stored either
 
 
-def test_key_env_from_config(server: LocalBatchServer, hip_dir: Path, tmp_path: Path,
-                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_key_env_from_config(
+    server: LocalBatchServer, hip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "hipbatch.toml").write_text(
-        f'[providers.anthropic]\napi_key_env = "TEAM_CLAUDE_KEY"\nbase_url = "{server.anthropic_base_url}"\n')
+        f'[providers.anthropic]\napi_key_env = "TEAM_CLAUDE_KEY"\nbase_url = "{server.anthropic_base_url}"\n'
+    )
     out = cli("submit", hip_dir, "--provider", "anthropic", code=2)
     assert "TEAM_CLAUDE_KEY is not set" in out.stderr
     monkeypatch.setenv("TEAM_CLAUDE_KEY", "k")
@@ -71,8 +77,9 @@ def test_bad_config_file(tmp_path: Path, hip_dir: Path) -> None:
     assert "no such file" in out.stderr
 
 
-def test_anthropic_requests_cache_the_system_prompt(server: LocalBatchServer, hip_dir: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_anthropic_requests_cache_the_system_prompt(
+    server: LocalBatchServer, hip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from tests.conftest import point_at
 
     point_at(server, "anthropic", monkeypatch)

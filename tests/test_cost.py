@@ -34,8 +34,12 @@ def split_examples(tmp_path: Path) -> tuple[Path, Path]:
 
 def billed(server: LocalBatchServer) -> dict[str, int]:
     s = server.stats
-    return {"input_tokens": s.input_tokens, "output_tokens": s.output_tokens,
-            "cache_read_tokens": s.cache_read_tokens, "cache_write_tokens": s.cache_write_tokens}
+    return {
+        "input_tokens": s.input_tokens,
+        "output_tokens": s.output_tokens,
+        "cache_read_tokens": s.cache_read_tokens,
+        "cache_write_tokens": s.cache_write_tokens,
+    }
 
 
 def ledger_json(*args: str) -> dict[str, Any]:
@@ -80,15 +84,18 @@ def test_cost_formula_follows_each_providers_usage_fields() -> None:
     haiku = prices.lookup("anthropic", "claude-haiku-4-5")
     assert haiku is not None
     assert haiku.cost(1000, 100, cache_read=5000, cache_write=2000, live=True) == pytest.approx(
-        (1000 * 1.0 + 5000 * 0.10 + 2000 * 2.0 + 100 * 5.0) / 1e6)
+        (1000 * 1.0 + 5000 * 0.10 + 2000 * 2.0 + 100 * 5.0) / 1e6
+    )
     # The worst case assumes no cache hits and every prefix written again (1 h writes cost 2x input).
     assert haiku.worst_case(1000, 100) == pytest.approx((1000 * 2.0 + 100 * 5.0) / 2e6)
     assert mini.worst_case(1000, 100) == pytest.approx((1000 * 0.15 + 100 * 0.60) / 2e6)
 
 
 def test_config_file_adds_and_overrides_prices(tmp_path: Path) -> None:
-    Path("hipbatch.toml").write_text('[prices.openai."gpt-other"]\ninput = 1.0\noutput = 4.0\n\n'
-                                     '[prices.openai."gpt-4o-mini"]\ninput = 0.2\n', encoding="utf-8")
+    Path("hipbatch.toml").write_text(
+        '[prices.openai."gpt-other"]\ninput = 1.0\noutput = 4.0\n\n[prices.openai."gpt-4o-mini"]\ninput = 0.2\n',
+        encoding="utf-8",
+    )
     prices = load_prices(load_config(None))
     other = prices.lookup("openai", "gpt-other")
     assert other is not None and (other.input, other.output, other.cache_read) == (1.0, 4.0, 1.0)
@@ -101,11 +108,14 @@ def test_config_file_adds_and_overrides_prices(tmp_path: Path) -> None:
     assert est["batch_usd"] == pytest.approx((est["input_tokens"] * 1.0 + 3 * 1024 * 4.0) / 2e6)
 
 
-@pytest.mark.parametrize("text, complaint", [
-    ('[prices.openai."m"]\ninput = "cheap"\noutput = 1\n', 'prices.openai."m".input: expected a price'),
-    ('[prices.openai."m"]\ninput = 1\n', 'prices.openai."m": missing output'),
-    ('[prices.openai."m"]\ninput = 1\noutput = 2\nfoo = 3\n', "unknown key 'foo'"),
-])
+@pytest.mark.parametrize(
+    "text, complaint",
+    [
+        ('[prices.openai."m"]\ninput = "cheap"\noutput = 1\n', 'prices.openai."m".input: expected a price'),
+        ('[prices.openai."m"]\ninput = 1\n', 'prices.openai."m": missing output'),
+        ('[prices.openai."m"]\ninput = 1\noutput = 2\nfoo = 3\n', "unknown key 'foo'"),
+    ],
+)
 def test_bad_price_in_config_is_a_one_line_error(hip_dir: Path, text: str, complaint: str) -> None:
     Path("hipbatch.toml").write_text(text, encoding="utf-8")
     result = cli("submit", hip_dir, "--dry-run", code=2)
@@ -150,8 +160,7 @@ def test_unknown_model_warns_and_gives_no_dollar_figures(openai_env: LocalBatchS
     assert "cost so far unknown" in cli("status").stdout
 
 
-def test_budget_gate_refuses_before_any_upload(provider: str, server: LocalBatchServer,
-                                               hip_dir: Path) -> None:
+def test_budget_gate_refuses_before_any_upload(provider: str, server: LocalBatchServer, hip_dir: Path) -> None:
     dry = json.loads(cli("submit", hip_dir, "--provider", provider, "--dry-run", "--json").stdout)["estimate"]
     worst = dry["batch_usd"]
     result = cli("submit", hip_dir, "--provider", provider, "--max-cost", f"{worst * 0.9:.8f}", code=1)
@@ -185,8 +194,7 @@ def test_max_cost_with_an_unknown_price_refuses(openai_env: LocalBatchServer, hi
     assert openai_env.stats.files_uploaded == 0
 
 
-def test_estimate_is_calibrated_within_ten_percent(provider: str, server: LocalBatchServer,
-                                                   tmp_path: Path) -> None:
+def test_estimate_is_calibrated_within_ten_percent(provider: str, server: LocalBatchServer, tmp_path: Path) -> None:
     first, second = split_examples(tmp_path)
     cli("submit", first, "--provider", provider)
     cli("collect", "--wait", "--poll-interval", "0.05")
@@ -199,8 +207,7 @@ def test_estimate_is_calibrated_within_ten_percent(provider: str, server: LocalB
     cli("collect", "--wait", "--poll-interval", "0.05")
     after = billed(server)
     # What the emulator counted (fake_model.count_tokens), however the provider splits it into cache fields.
-    kinds = ["input_tokens"] if provider == "openai" else ["input_tokens", "cache_read_tokens",
-                                                            "cache_write_tokens"]
+    kinds = ["input_tokens"] if provider == "openai" else ["input_tokens", "cache_read_tokens", "cache_write_tokens"]
     actual = sum(after[k] - before[k] for k in kinds)
     assert abs(est["input_tokens"] - actual) / actual < 0.10
     assert abs(est["local_input_tokens"] - actual) / actual > 0.10  # the calibration is what closes the gap
@@ -218,8 +225,9 @@ def expected_cost(provider: str, server: LocalBatchServer) -> float:
     return price.cost(b["input_tokens"], b["output_tokens"], b["cache_read_tokens"], b["cache_write_tokens"])
 
 
-def test_cost_json_shape_and_agreement_with_the_emulator(provider: str, server: LocalBatchServer,
-                                                         tmp_path: Path) -> None:
+def test_cost_json_shape_and_agreement_with_the_emulator(
+    provider: str, server: LocalBatchServer, tmp_path: Path
+) -> None:
     root = make_hip_dir(tmp_path / "k", 12)
     cli("submit", root, "--provider", provider, "--job", "alpha")
     committed = ledger_json()["total"]["committed_usd"]
@@ -300,9 +308,16 @@ def test_status_summary_expiry_and_top_error(openai_env: LocalBatchServer, tmp_p
     assert isinstance(rows, list) and len(rows) == 1
     (row,) = rows
     assert 23 * 3600 < row["expires_in_seconds"] <= 24 * 3600 and row["top_error"] is None
-    assert row["job_summary"] == {"requests": 5, "done": 0, "failed": 0, "in_flight": 5, "queued": 0,
-                                  "cost_usd": 0.0, "committed_usd": row["job_summary"]["committed_usd"],
-                                  "states": {"submitted": 5}}
+    assert row["job_summary"] == {
+        "requests": 5,
+        "done": 0,
+        "failed": 0,
+        "in_flight": 5,
+        "queued": 0,
+        "cost_usd": 0.0,
+        "committed_usd": row["job_summary"]["committed_usd"],
+        "states": {"submitted": 5},
+    }
     assert row["job_summary"]["committed_usd"] > 0
     text = cli("status").stdout
     assert text.index("run: 5 requests: 0 done, 0 failed, 5 in flight, 0 queued") < text.index("batch id")

@@ -114,8 +114,7 @@ def assert_nothing_lost_nothing_twice(server: LocalBatchServer, n_files: int) ->
 
 
 @pytest.mark.parametrize("point", ["after_upload", "before_create", "after_create"])
-def test_submit_crash_then_submit_again(provider: str, server: LocalBatchServer, tmp_path: Path,
-                                        point: str) -> None:
+def test_submit_crash_then_submit_again(provider: str, server: LocalBatchServer, tmp_path: Path, point: str) -> None:
     root = make_hip_dir(tmp_path / "kernels", 9)
     prepare_only(root, provider, 3)
     store = Store(STATE)
@@ -133,8 +132,9 @@ def test_submit_crash_then_submit_again(provider: str, server: LocalBatchServer,
 
 
 @pytest.mark.parametrize("command", ["status", "collect"])
-def test_status_and_collect_finish_an_interrupted_submit(openai_env: LocalBatchServer, tmp_path: Path,
-                                                         command: str) -> None:
+def test_status_and_collect_finish_an_interrupted_submit(
+    openai_env: LocalBatchServer, tmp_path: Path, command: str
+) -> None:
     root = make_hip_dir(tmp_path / "kernels", 6)
     prepare_only(root, "openai", 6)
     store = Store(STATE)
@@ -151,8 +151,9 @@ def test_status_and_collect_finish_an_interrupted_submit(openai_env: LocalBatchS
 
 
 @pytest.mark.parametrize(("point", "nth"), [("after_download", 1), ("after_download", 2), ("parse", 5)])
-def test_collect_crash_then_collect_again(provider: str, server: LocalBatchServer, tmp_path: Path,
-                                          point: str, nth: int) -> None:
+def test_collect_crash_then_collect_again(
+    provider: str, server: LocalBatchServer, tmp_path: Path, point: str, nth: int
+) -> None:
     from hipbatch.collect import collect_batches, refresh
 
     root = make_hip_dir(tmp_path / "kernels", 9)
@@ -197,8 +198,9 @@ def anthropic_requests(shard: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in shard.read_text().splitlines()]
 
 
-def test_anthropic_single_orphan_is_adopted(server: LocalBatchServer, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_anthropic_single_orphan_is_adopted(
+    server: LocalBatchServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import anthropic
 
     point_at(server, "anthropic", monkeypatch)
@@ -219,8 +221,9 @@ def test_anthropic_single_orphan_is_adopted(server: LocalBatchServer, tmp_path: 
     assert_nothing_lost_nothing_twice(server, 5)
 
 
-def test_anthropic_ambiguous_orphans_refused_without_force(server: LocalBatchServer, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_anthropic_ambiguous_orphans_refused_without_force(
+    server: LocalBatchServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import anthropic
 
     point_at(server, "anthropic", monkeypatch)
@@ -251,8 +254,7 @@ def test_anthropic_ambiguous_orphans_refused_without_force(server: LocalBatchSer
     assert all(server.stats.sent[cid] == 3 for cid in ledger())  # the two twins and ours: the user's call
 
 
-def test_openai_orphan_adopted_by_metadata_even_among_others(openai_env: LocalBatchServer,
-                                                             tmp_path: Path) -> None:
+def test_openai_orphan_adopted_by_metadata_even_among_others(openai_env: LocalBatchServer, tmp_path: Path) -> None:
     import openai
 
     root = make_hip_dir(tmp_path / "kernels", 8)
@@ -265,10 +267,15 @@ def test_openai_orphan_adopted_by_metadata_even_among_others(openai_env: LocalBa
     sdk = openai.OpenAI(api_key="test-key", base_url=openai_env.openai_base_url)
     file_id = sdk.files.create(file=Path(shard["path"]), purpose="batch").id
     chat = "/v1/chat/completions"
-    other = sdk.batches.create(input_file_id=file_id, endpoint=chat, completion_window="24h",
-                               metadata={"hipbatch_shard": "someone-else"})
-    ours = sdk.batches.create(input_file_id=file_id, endpoint=chat, completion_window="24h",
-                              metadata={"hipbatch_shard": shard["key"], "hipbatch_job": "kernels"})
+    other = sdk.batches.create(
+        input_file_id=file_id, endpoint=chat, completion_window="24h", metadata={"hipbatch_shard": "someone-else"}
+    )
+    ours = sdk.batches.create(
+        input_file_id=file_id,
+        endpoint=chat,
+        completion_window="24h",
+        metadata={"hipbatch_shard": shard["key"], "hipbatch_job": "kernels"},
+    )
     cli("status")
     store = Store(STATE)
     assert {b["id"] for b in store.batches()} == {ours.id}  # the other tool's batch is left alone
@@ -296,8 +303,9 @@ class Trials:
     def run(self, args: list[str], max_calls: int) -> bool:
         """One run with a trap set; True if it was killed, False if it finished (exit 0) first."""
         with self.log.open("ab") as err:
-            proc = subprocess.Popen([sys.executable, "-m", "hipbatch", *args], stdout=subprocess.DEVNULL,
-                                    stderr=err, env=dict(os.environ))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hipbatch", *args], stdout=subprocess.DEVNULL, stderr=err, env=dict(os.environ)
+            )
         mode = self.rng.random()
         if mode < 0.45:  # as the server takes its n-th call: the client dies with the call sent, unanswered
             self.server.arm(proc.pid, at_call=self.rng.randint(1, max_calls))
@@ -370,8 +378,9 @@ def test_two_collects_at_once_write_one_dataset(openai_env: LocalBatchServer, tm
     openai_env.config.polls_to_complete = 3
     cli("submit", root, "--max-requests-per-batch", "5")
     args = [sys.executable, "-m", "hipbatch", "collect", "--wait", "--poll-interval", "0.05", "--json"]
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ))
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ)) for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[1].decode()[-2000:] for o in outputs]
     summaries = [json.loads(out) for out, _ in outputs]

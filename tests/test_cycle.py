@@ -19,8 +19,9 @@ def user_text(path: Path, root: Path) -> str:
     return template.render(path.read_text(encoding="utf-8"), path.relative_to(root).as_posix())[1]
 
 
-def test_full_cycle_writes_exact_prompts(provider: str, server: LocalBatchServer, hip_dir: Path,
-                                         tmp_path: Path) -> None:
+def test_full_cycle_writes_exact_prompts(
+    provider: str, server: LocalBatchServer, hip_dir: Path, tmp_path: Path
+) -> None:
     out = cli("submit", hip_dir, "--provider", provider)
     assert "6 new requests in 1 shards" in out.stderr
     assert server.stats.batches_created == 1
@@ -39,8 +40,7 @@ def test_full_cycle_writes_exact_prompts(provider: str, server: LocalBatchServer
         assert record["custom_id"].startswith("hb-") and len(record["custom_id"]) <= 64
 
 
-def test_resubmit_sends_nothing_and_change_sends_one(provider: str, server: LocalBatchServer,
-                                                     hip_dir: Path) -> None:
+def test_resubmit_sends_nothing_and_change_sends_one(provider: str, server: LocalBatchServer, hip_dir: Path) -> None:
     cli("submit", hip_dir, "--provider", provider)
     uploads, batches = server.stats.files_uploaded, server.stats.batches_created
     again = cli("submit", hip_dir, "--provider", provider)

@@ -15,8 +15,10 @@ from tests.conftest import cli, point_at
 def test_demo_runs_the_cycle_without_a_key(provider: str, tmp_path: Path) -> None:
     out = cli("demo", "--provider", provider)
     records = json.loads((tmp_path / f"data/demo-{provider}.json").read_text(encoding="utf-8"))
-    examples = {p.relative_to(Path(__file__).parent.parent / "examples/hip").as_posix()
-                for p in (Path(__file__).parent.parent / "examples/hip").rglob("*.hip")}
+    examples = {
+        p.relative_to(Path(__file__).parent.parent / "examples/hip").as_posix()
+        for p in (Path(__file__).parent.parent / "examples/hip").rglob("*.hip")
+    }
     assert 10 <= len(records) <= len(examples)
     assert {r["file_name"] for r in records} <= examples
     assert all(r["english_prompt"] and r["provider"] == provider for r in records)

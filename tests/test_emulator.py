@@ -120,9 +120,7 @@ def results_by_id(client: anthropic.Anthropic, batch_id: str) -> dict[str, Any]:
 
 def test_fake_model_prompt_forms_and_tokens() -> None:
     assert fm.count_tokens("x[i] = a*b;") == 9
-    code = (
-        "template <int N>\n__global__ void __launch_bounds__(256) saxpy(float a) {}\n__global__ void k2() {}"
-    )
+    code = "template <int N>\n__global__ void __launch_bounds__(256) saxpy(float a) {}\n__global__ void k2() {}"
     prompt = fm.expected_prompt(code)
     assert prompt.startswith("Write a HIP kernel named `saxpy` together with the kernel(s) `k2`")
     assert fm.fingerprint(code) in prompt and "\n" not in prompt and "<" not in prompt and ">" not in prompt
@@ -323,9 +321,7 @@ def test_openai_expire_fraction_and_error_only_batch(make_server: ServerFactory)
     batch = poll(client, submit(client, [chat_line(cid, kernel(cid, "tag")) for cid in ids]).id, ("expired",))
     assert batch.expired_at is not None
     outputs, errors = read_lines(client, batch.output_file_id), read_lines(client, batch.error_file_id)
-    assert (
-        5 <= len(errors) <= 25 and set(outputs) | set(errors) == set(ids) and not set(outputs) & set(errors)
-    )
+    assert 5 <= len(errors) <= 25 and set(outputs) | set(errors) == set(ids) and not set(outputs) & set(errors)
     for line in errors.values():
         assert line["response"] is None and line["error"]["code"] == "batch_expired"
     assert batch.request_counts is not None
@@ -486,10 +482,7 @@ def test_live_endpoints_of_both_providers(make_server: ServerFactory) -> None:
     started = time.monotonic()
     completion = oai(server).chat.completions.create(model="gpt-emu", messages=messages)  # type: ignore[arg-type]
     assert time.monotonic() - started >= 0.05
-    assert (
-        completion.choices[0].message.content
-        == f"English prompt: {fm.expected_prompt(messages[0]['content'])}"
-    )
+    assert completion.choices[0].message.content == f"English prompt: {fm.expected_prompt(messages[0]['content'])}"
     assert completion.usage is not None and completion.usage.prompt_tokens == fm.prompt_tokens(
         "", kernel("live", "label")
     )
@@ -617,9 +610,7 @@ def test_control_endpoints(make_server: ServerFactory) -> None:
         assert json.loads(conn.getresponse().read())["forms"] == "fenced"
         conn.request("POST", "/_emulator/config", body=json.dumps({"forms": "nope"}))
         response = conn.getresponse()
-        assert (
-            response.status == 400 and "unknown reply form" in json.loads(response.read())["error"]["message"]
-        )
+        assert response.status == 400 and "unknown reply form" in json.loads(response.read())["error"]["message"]
         conn.request("POST", "/_emulator/reset-stats")
         conn.getresponse().read()
     finally:

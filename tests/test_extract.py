@@ -204,9 +204,7 @@ def test_custom_labels() -> None:
 def test_label_without_colon_needs_word_boundary() -> None:
     settings = ExtractSettings(labels=("Prompt",))
     assert_ok(extract(f"Prompt {PROMPT}", settings=settings), PROMPT)
-    assert_ok(
-        extract("Prompts are hard to write well.", settings=settings), "Prompts are hard to write well."
-    )
+    assert_ok(extract("Prompts are hard to write well.", settings=settings), "Prompts are hard to write well.")
 
 
 # --- bare, empty, whitespace ------------------------------------------------------------------------

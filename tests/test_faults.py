@@ -39,8 +39,7 @@ def assert_each_answered_once(server: LocalBatchServer, n: int) -> None:
 
 
 @pytest.mark.slow
-def test_ten_percent_faults_on_every_endpoint(provider: str, server: LocalBatchServer,
-                                              tmp_path: Path) -> None:
+def test_ten_percent_faults_on_every_endpoint(provider: str, server: LocalBatchServer, tmp_path: Path) -> None:
     root = make_hip_dir(tmp_path / "kernels", 40)
     server.config.seed = 7
     server.config.polls_to_complete = 2
@@ -56,8 +55,9 @@ def test_ten_percent_faults_on_every_endpoint(provider: str, server: LocalBatchS
     assert len({r["file_name"] for r in records}) == 40
 
 
-def test_lost_create_answer_is_adopted_not_created_again(provider: str, server: LocalBatchServer,
-                                                         hip_dir: Path) -> None:
+def test_lost_create_answer_is_adopted_not_created_again(
+    provider: str, server: LocalBatchServer, hip_dir: Path
+) -> None:
     # The provider creates the batch, then the connection drops before the answer: the classic duplicate.
     server.config.fault_routes = (CREATE[provider],)
     server.config.fault_kinds = ("drop_after",)
@@ -87,8 +87,9 @@ def adapter(server: LocalBatchServer, name: str) -> Any:
 
 
 @pytest.mark.parametrize("name", ["openai", "anthropic"])
-def test_retry_after_is_honoured_and_capped(server: LocalBatchServer, name: str,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_retry_after_is_honoured_and_capped(
+    server: LocalBatchServer, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_API_KEY" if name == "openai" else "ANTHROPIC_API_KEY", "test-key")
     provider = adapter(server, name)
     server.config.fault_routes = (RETRIEVE[name],)
@@ -130,8 +131,7 @@ def test_backoff_without_retry_after_and_no_retry_on_a_final_error() -> None:
     assert len(calls) == 1  # a final error is not retried
 
 
-def test_failed_status_check_leaves_the_batch_as_it_was(provider: str, server: LocalBatchServer,
-                                                        hip_dir: Path) -> None:
+def test_failed_status_check_leaves_the_batch_as_it_was(provider: str, server: LocalBatchServer, hip_dir: Path) -> None:
     server.config.polls_to_complete = 2
     cli("submit", hip_dir, "--provider", provider)
     before = json.loads(cli("status", "--json").stdout)[0]
@@ -150,8 +150,7 @@ def test_failed_status_check_leaves_the_batch_as_it_was(provider: str, server: L
     assert_each_answered_once(server, 6)
 
 
-def test_truncated_downloads_are_fetched_again(provider: str, server: LocalBatchServer,
-                                               tmp_path: Path) -> None:
+def test_truncated_downloads_are_fetched_again(provider: str, server: LocalBatchServer, tmp_path: Path) -> None:
     root = make_hip_dir(tmp_path / "kernels", 12)
     server.config.fault_routes = (DOWNLOAD[provider],)
     server.config.fault_kinds = ("truncate",)
@@ -163,8 +162,7 @@ def test_truncated_downloads_are_fetched_again(provider: str, server: LocalBatch
     assert_each_answered_once(server, 12)
 
 
-def test_download_that_stays_corrupt_leaves_the_batch_uncollected(openai_env: LocalBatchServer,
-                                                                  hip_dir: Path) -> None:
+def test_download_that_stays_corrupt_leaves_the_batch_uncollected(openai_env: LocalBatchServer, hip_dir: Path) -> None:
     cli("submit", hip_dir)
     openai_env.config.fault_routes = ("openai.files.content",)
     openai_env.config.fault_kinds = ("truncate",)

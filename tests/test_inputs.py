@@ -51,16 +51,18 @@ def test_bad_files_are_skipped_with_reasons(openai_env: LocalBatchServer, hip_di
 def test_non_ascii_source_round_trips(openai_env: LocalBatchServer, tmp_path: Path) -> None:
     root = tmp_path / "intl"
     root.mkdir()
-    (root / "k.hip").write_text("// カーネル: größe\n__global__ void grosse(float* x) { x[0] = 1; }\n",
-                                encoding="utf-8")
+    (root / "k.hip").write_text(
+        "// カーネル: größe\n__global__ void grosse(float* x) { x[0] = 1; }\n", encoding="utf-8"
+    )
     cli("submit", root)
     cli("collect", "--wait", "--poll-interval", "0.05")
     [record] = read_dataset(Path("data/generated_prompts.json"))
     assert "grosse" in record["english_prompt"]
 
 
-def test_missing_openai_key_names_the_variable(server: LocalBatchServer, hip_dir: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_openai_key_names_the_variable(
+    server: LocalBatchServer, hip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OPENAI_BASE_URL", server.openai_base_url)
     out = cli("submit", hip_dir, code=2)
     assert "OPENAI_API_KEY is not set" in out.stderr
@@ -68,8 +70,9 @@ def test_missing_openai_key_names_the_variable(server: LocalBatchServer, hip_dir
     assert not (Path("state") / "shards").exists()  # nothing written before the key check
 
 
-def test_missing_anthropic_key_names_the_variable(server: LocalBatchServer, hip_dir: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_anthropic_key_names_the_variable(
+    server: LocalBatchServer, hip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ANTHROPIC_BASE_URL", server.anthropic_base_url)
     out = cli("submit", hip_dir, "--provider", "anthropic", code=2)
     assert "ANTHROPIC_API_KEY is not set" in out.stderr
@@ -95,8 +98,7 @@ def test_model_the_provider_rejects(provider: str, server: LocalBatchServer, hip
         ("user.j2", "line one\n{{ code }} {{ nope }}\n", "user.j2:2: 'nope' is undefined"),
     ],
 )
-def test_template_errors_name_file_and_line(hip_dir: Path, tmp_path: Path, name: str, text: str,
-                                            expected: str) -> None:
+def test_template_errors_name_file_and_line(hip_dir: Path, tmp_path: Path, name: str, text: str, expected: str) -> None:
     template = tmp_path / "tpl"
     template.mkdir()
     (template / "system.j2").write_text("You are helpful.")
@@ -106,8 +108,9 @@ def test_template_errors_name_file_and_line(hip_dir: Path, tmp_path: Path, name:
     assert expected in out.stderr
 
 
-def test_status_failure_leaves_batch_as_it_was(openai_env: LocalBatchServer, hip_dir: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_status_failure_leaves_batch_as_it_was(
+    openai_env: LocalBatchServer, hip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cli("submit", hip_dir)
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # nothing listens on port 9
     out = cli("status", "--json")
@@ -117,11 +120,14 @@ def test_status_failure_leaves_batch_as_it_was(openai_env: LocalBatchServer, hip
 
 
 def test_help_starts_without_sdks() -> None:
-    code = ("import sys; from typer.testing import CliRunner; from hipbatch.cli import app; "
-            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0; "
-            "print(sorted(m for m in ('openai', 'anthropic') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=env_without_keys())
+    code = (
+        "import sys; from typer.testing import CliRunner; from hipbatch.cli import app; "
+        "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0; "
+        "print(sorted(m for m in ('openai', 'anthropic') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env_without_keys()
+    )
     assert out.stdout.strip() == "[]"
 
 

@@ -45,8 +45,7 @@ def states(job: str | None = None) -> Counter[str]:
 # ---- the pipeline is shared --------------------------------------------------------------------------------
 
 
-def test_live_then_batch_sends_each_request_once(provider: str, server: LocalBatchServer,
-                                                 hip_dir: Path) -> None:
+def test_live_then_batch_sends_each_request_once(provider: str, server: LocalBatchServer, hip_dir: Path) -> None:
     first = run_json(hip_dir, "--provider", provider, "--limit", "2")
     assert (first["to_answer"], first["succeeded"], first["records"]) == (2, 2, 2)
     assert live_total(server) == 2 and server.stats.batches_created == 0
@@ -70,8 +69,7 @@ def test_live_then_batch_sends_each_request_once(provider: str, server: LocalBat
     assert len(shards) == 1 and shards[0]["n_requests"] == 2  # the live run's shard is never sent
 
 
-def test_queued_shard_partly_answered_live_sends_only_the_rest(openai_env: LocalBatchServer,
-                                                               hip_dir: Path) -> None:
+def test_queued_shard_partly_answered_live_sends_only_the_rest(openai_env: LocalBatchServer, hip_dir: Path) -> None:
     # Two shards of 3; only one batch may be in flight, so the second shard waits in the local queue.
     cli("submit", hip_dir, "--max-requests-per-batch", "3", "--max-in-flight-batches", "1")
     assert openai_env.stats.batches_created == 1
@@ -95,8 +93,9 @@ def test_feed_skips_requests_answered_after_packing(openai_env: LocalBatchServer
     cli("submit", hip_dir, "--max-requests-per-batch", "3", "--max-in-flight-batches", "1")
     (queued,) = store().shards_in_states([ShardState.QUEUED])
     answered = sorted(store().pending_in_shard(queued["id"]))[:2]
-    store().save_results([{"custom_id": cid, "state": RequestState.SUCCEEDED, "via": "live",
-                           "prompt": "p" * 20} for cid in answered])
+    store().save_results(
+        [{"custom_id": cid, "state": RequestState.SUCCEEDED, "via": "live", "prompt": "p" * 20} for cid in answered]
+    )
     cli("collect", "--wait", "--poll-interval", "0.05")
     sent = openai_env.stats.sent
     assert sum(sent.values()) == 4 and not set(answered) & set(sent)
@@ -111,16 +110,16 @@ def test_more_workers_cut_wall_time(openai_env: LocalBatchServer, tmp_path: Path
     folder = make_hip_dir(tmp_path / "twelve", 12)
     walls = {}
     for workers in (1, 4, 12):
-        report = run_json(folder, "--max-workers", str(workers), "--job", f"w{workers}", "--model",
-                          f"gpt-4o-mini-w{workers}")  # another model: new requests for each run
+        report = run_json(
+            folder, "--max-workers", str(workers), "--job", f"w{workers}", "--model", f"gpt-4o-mini-w{workers}"
+        )  # another model: new requests for each run
         assert report["succeeded"] == 12
         walls[workers] = report["wall_s"]
     assert walls[1] > walls[4] > walls[12], walls
     assert live_total(openai_env) == 36
 
 
-def test_429_storm_slows_the_whole_pool_and_answers_each_once(openai_env: LocalBatchServer,
-                                                              tmp_path: Path) -> None:
+def test_429_storm_slows_the_whole_pool_and_answers_each_once(openai_env: LocalBatchServer, tmp_path: Path) -> None:
     server = openai_env
     server.config.live_429_rate = 1.0
     server.config.retry_after_ms = 100
@@ -145,11 +144,13 @@ def test_429_storm_slows_the_whole_pool_and_answers_each_once(openai_env: LocalB
     assert report["calls"] == 20 + faults
 
 
-def test_server_errors_and_dropped_connections_are_retried_per_request(openai_env: LocalBatchServer,
-                                                                       tmp_path: Path) -> None:
+def test_server_errors_and_dropped_connections_are_retried_per_request(
+    openai_env: LocalBatchServer, tmp_path: Path
+) -> None:
     server = openai_env
-    server.config.update({"fault_rate": 0.3, "fault_kinds": ["500", "drop"],
-                          "fault_routes": ["openai.chat.completions"]})
+    server.config.update(
+        {"fault_rate": 0.3, "fault_kinds": ["500", "drop"], "fault_routes": ["openai.chat.completions"]}
+    )
     folder = make_hip_dir(tmp_path / "flaky", 16)
     report = run_json(folder, "--max-workers", "4")
     faults = server.stats.faults["500"] + server.stats.faults["drop"]
@@ -195,8 +196,9 @@ def test_throttle_halves_once_per_episode_and_honours_retry_after() -> None:
 # ---- permanent errors --------------------------------------------------------------------------------------
 
 
-def test_unknown_model_404_is_recorded_not_retried_and_stops_the_run(openai_env: LocalBatchServer,
-                                                                      hip_dir: Path) -> None:
+def test_unknown_model_404_is_recorded_not_retried_and_stops_the_run(
+    openai_env: LocalBatchServer, hip_dir: Path
+) -> None:
     result = cli("run", hip_dir, "--model", "unknown-model", "--max-workers", "2", code=1)
     assert "Error:" in result.stderr and "404" in result.stderr
     counts = states()
@@ -208,9 +210,9 @@ def test_unknown_model_404_is_recorded_not_retried_and_stops_the_run(openai_env:
     assert store().request(row["custom_id"])["error_code"] == "http_404"
 
 
-def test_bad_request_400_is_recorded_per_request_and_not_retried(server: LocalBatchServer, hip_dir: Path,
-                                                                 tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_request_400_is_recorded_per_request_and_not_retried(
+    server: LocalBatchServer, hip_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ANTHROPIC_BASE_URL", server.anthropic_base_url)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
     template = tmp_path / "zero-tokens"
@@ -227,13 +229,17 @@ def test_bad_request_400_is_recorded_per_request_and_not_retried(server: LocalBa
 # ---- interrupts --------------------------------------------------------------------------------------------
 
 
-def test_ctrl_c_keeps_answers_then_rerun_and_submit_finish(openai_env: LocalBatchServer,
-                                                            tmp_path: Path) -> None:
+def test_ctrl_c_keeps_answers_then_rerun_and_submit_finish(openai_env: LocalBatchServer, tmp_path: Path) -> None:
     server = openai_env
     server.config.live_latency_s = 0.3
     folder = make_hip_dir(tmp_path / "many", 24)
-    proc = subprocess.Popen([sys.executable, "-m", "hipbatch", "run", str(folder), "--max-workers", "3"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hipbatch", "run", str(folder), "--max-workers", "3"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while live_total(server) < 4 and time.monotonic() < deadline and proc.poll() is None:

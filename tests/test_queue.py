@@ -106,9 +106,7 @@ def test_stalled_only_when_nothing_can_move() -> None:
     assert not stalled(unfinished=0, queued=0, created=0, adopted=0)
 
 
-def test_token_limit_refusal_is_requeued_and_later_completes(
-    openai_env: LocalBatchServer, tmp_path: Path
-) -> None:
+def test_token_limit_refusal_is_requeued_and_later_completes(openai_env: LocalBatchServer, tmp_path: Path) -> None:
     root = make_hip_dir(tmp_path / "k", 15)
     per_request = emulator_tokens(root, "k0001.hip")
     openai_env.config.enqueued_token_limit = int(per_request * 5 * 1.5)  # one shard of 5 fits, two do not

@@ -57,7 +57,7 @@ def test_report_sections_are_self_contained(finished_run: Path) -> None:
     page = Path("report-kern.html").read_text(encoding="utf-8")
     assert "<script" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
     assert "https://" not in page and "default-src 'none'" in page
-    assert '<svg' in page and 'id="timeline"' in page and 'id="cost-bars"' in page
+    assert "<svg" in page and 'id="timeline"' in page and 'id="cost-bars"' in page
     store = Store(Path("state"))
     reasons = store.failure_reasons("kern")
     assert reasons and 'id="failure-bars"' in page
@@ -108,17 +108,31 @@ def test_report_needs_a_known_job(openai_env: LocalBatchServer, tmp_path: Path) 
     assert not Path("report-nope.html").exists()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install -y chromium; "
-                                             ".ci/run installs it): the headless browser check is skipped")
+@pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="chromium is not installed (apt-get install -y chromium; "
+    ".ci/run installs it): the headless browser check is skipped",
+)
 def test_report_opens_in_headless_chromium_without_errors(finished_run: Path, tmp_path: Path) -> None:
     cli("report", "--job", "kern", "--output", "kern.html")
     page = Path("kern.html").resolve()
     assert CHROMIUM is not None
     proc = subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'chromium-profile'}",
-         "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--enable-logging=stderr",
+            "--v=0",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     # Anything the page logs (a CSP violation, a failed load, a script error) is a CONSOLE line.

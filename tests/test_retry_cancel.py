@@ -31,8 +31,9 @@ def ids_in(rows: dict[str, dict[str, Any]], state: str) -> set[str]:
     return {cid for cid, r in rows.items() if r["state"] == state}
 
 
-def test_expiry_keeps_the_done_half_and_retry_sends_exactly_the_rest(provider: str, server: LocalBatchServer,
-                                                                     tmp_path: Path) -> None:
+def test_expiry_keeps_the_done_half_and_retry_sends_exactly_the_rest(
+    provider: str, server: LocalBatchServer, tmp_path: Path
+) -> None:
     root = make_hip_dir(tmp_path / "kernels", 24)
     server.config.expire_fraction = 0.5
     cli("submit", root, "--provider", provider, "--max-requests-per-batch", "8")
@@ -65,16 +66,18 @@ def test_expiry_keeps_the_done_half_and_retry_sends_exactly_the_rest(provider: s
     assert again["requests"] == 0 and again["feed"]["created"] == []
 
 
-def test_validation_failure_marks_requests_retryable_with_the_message(openai_env: LocalBatchServer,
-                                                                      hip_dir: Path) -> None:
+def test_validation_failure_marks_requests_retryable_with_the_message(
+    openai_env: LocalBatchServer, hip_dir: Path
+) -> None:
     openai_env.config.validation_error_rate = 1.0
     cli("submit", hip_dir)
     summary = json.loads(cli(*WAIT).stdout)
     assert summary["succeeded"] == 0 and summary["failed"] == 6
     rows = requests_by_state()
     assert {r["state"] for r in rows.values()} == {"failed"}
-    assert all("failed validation" in r["error_message"] and "invalid_request" in r["error_message"]
-               for r in rows.values())
+    assert all(
+        "failed validation" in r["error_message"] and "invalid_request" in r["error_message"] for r in rows.values()
+    )
     assert not openai_env.stats.sent  # a batch refused at validation processed nothing
 
     openai_env.config.validation_error_rate = 0.0
@@ -84,8 +87,7 @@ def test_validation_failure_marks_requests_retryable_with_the_message(openai_env
     assert summary["succeeded"] == 6 and summary["records"] == 6
 
 
-def test_quota_refusal_requeues_without_counting_an_attempt(openai_env: LocalBatchServer,
-                                                            tmp_path: Path) -> None:
+def test_quota_refusal_requeues_without_counting_an_attempt(openai_env: LocalBatchServer, tmp_path: Path) -> None:
     root = make_hip_dir(tmp_path / "kernels", 6)
     cli("submit", root, "--dry-run", "--max-requests-per-batch", "3")
     per_shard = []
@@ -139,8 +141,11 @@ def test_retry_resends_the_original_lines(openai_env: LocalBatchServer, hip_dir:
     openai_env.config.request_error_rate = 1.0
     cli("submit", hip_dir)
     cli(*WAIT)
-    original = {json.loads(line)["custom_id"]: line
-                for shard in Path("state/shards").rglob("*.jsonl") for line in shard.read_text().splitlines()}
+    original = {
+        json.loads(line)["custom_id"]: line
+        for shard in Path("state/shards").rglob("*.jsonl")
+        for line in shard.read_text().splitlines()
+    }
     openai_env.config.request_error_rate = 0.0
     cli("retry")
     store = Store(Path("state"))
@@ -150,8 +155,9 @@ def test_retry_resends_the_original_lines(openai_env: LocalBatchServer, hip_dir:
     assert sorted(lines) == sorted(original.values())  # byte for byte the request sent the first time
 
 
-def test_cancel_all_keeps_partial_results_and_retry_sends_the_rest(provider: str, server: LocalBatchServer,
-                                                                   tmp_path: Path) -> None:
+def test_cancel_all_keeps_partial_results_and_retry_sends_the_rest(
+    provider: str, server: LocalBatchServer, tmp_path: Path
+) -> None:
     root = make_hip_dir(tmp_path / "kernels", 16)
     server.config.polls_to_complete = 1000
     cli("submit", root, "--provider", provider, "--max-requests-per-batch", "8")

@@ -61,9 +61,7 @@ def test_line_encoder_falls_back_when_a_provider_rewrites_the_text() -> None:
     class Shouting:
         name, endpoint = "openai", "/v1/x"
 
-        def to_line(
-            self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str
-        ) -> dict[str, Any]:
+        def to_line(self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str) -> dict[str, Any]:
             return {"custom_id": custom_id, "messages": [system.upper(), user, user]}
 
     cid, line = LineEncoder(Shouting(), "m", {}).encode("sys", "hi")
@@ -152,8 +150,7 @@ def _collect_fixture(state: Path, n: int) -> None:
     store.upsert_job("job", provider="openai", model="m", template_dir=str(template.path))
     ids = [f"hb-{i:048d}" for i in range(n)]
     store.record_files(
-        {"job": "job", "file_name": f"f{i:06d}.hip", "custom_id": cid, "skip_reason": None}
-        for i, cid in enumerate(ids)
+        {"job": "job", "file_name": f"f{i:06d}.hip", "custom_id": cid, "skip_reason": None} for i, cid in enumerate(ids)
     )
     shard_id = store.add_shard(
         {
@@ -194,13 +191,10 @@ def _collect_fixture(state: Path, n: int) -> None:
     (state / "results").mkdir(exist_ok=True)
     with (state / "results" / "batch_x.jsonl").open("w", encoding="utf-8") as out:
         for i, cid in enumerate(reversed(ids)):
-            text, finish = fake_model.render_form(
-                "tag", f"Write a HIP kernel number {i} that scales a vector."
-            )
+            text, finish = fake_model.render_form("tag", f"Write a HIP kernel number {i} that scales a vector.")
             reply = fake_model.FakeReply(text, finish, "tag", 100, 20)
             out.write(
-                json.dumps(_result_line(cid, {"status_code": 200, "body": chat_completion_body("m", reply)}))
-                + "\n"
+                json.dumps(_result_line(cid, {"status_code": 200, "body": chat_completion_body("m", reply)})) + "\n"
             )
     store.close()
 

@@ -164,9 +164,7 @@ class AnthropicBackend:
             if len(custom_id) > 64:
                 raise ApiError(400, f"requests.{index}.custom_id: String should have at most 64 characters")
             if not CUSTOM_ID_RE.match(custom_id):
-                raise ApiError(
-                    400, f"requests.{index}.custom_id: String should match pattern '{CUSTOM_ID_RE.pattern}'"
-                )
+                raise ApiError(400, f"requests.{index}.custom_id: String should match pattern '{CUSTOM_ID_RE.pattern}'")
             if custom_id in seen:
                 raise ApiError(
                     400,
@@ -261,9 +259,7 @@ class AnthropicBackend:
         with self.core.lock:
             batch = self._batch(call.params[0])
             if batch.status != "ended":
-                raise ApiError(
-                    400, f"Results for message batch {batch.id} are not available until it has ended."
-                )
+                raise ApiError(400, f"Results for message batch {batch.id} are not available until it has ended.")
             return Reply(body=batch.results, content_type="application/binary")
 
     def complete_all(self) -> None:
@@ -299,9 +295,7 @@ class AnthropicBackend:
             elif is_unknown_model(request.model):
                 result = errored("not_found_error", f"model: {request.model}")
             elif self.core.frac("error", *key) < cfg.request_error_rate:
-                result = errored(
-                    "api_error", "Internal server error (injected by the emulator's request_error_rate)."
-                )
+                result = errored("api_error", "Internal server error (injected by the emulator's request_error_rate).")
             else:
                 result = {"type": "succeeded", "message": self._message(request, request.custom_id)}
             counts[result["type"]] += 1

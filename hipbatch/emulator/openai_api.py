@@ -218,9 +218,7 @@ class OpenAIBackend:
             raise ApiError(400, "Missing required parameter: 'file'.", param="file")
         purpose = purpose_part.data.decode("utf-8", "replace")
         if purpose not in FILE_PURPOSES:
-            raise ApiError(
-                400, f"Invalid purpose {purpose!r}; use one of {', '.join(FILE_PURPOSES)}.", param="purpose"
-            )
+            raise ApiError(400, f"Invalid purpose {purpose!r}; use one of {', '.join(FILE_PURPOSES)}.", param="purpose")
         created = int(now())
         expires_at: int | None = created + 30 * SECONDS_PER_DAY if purpose == "batch" else None
         seconds_part = parts.get("expires_after[seconds]")
@@ -342,8 +340,7 @@ class OpenAIBackend:
                 errors = [
                     _batch_error(
                         "invalid_request",
-                        "The batch input file failed validation "
-                        "(injected by the emulator's validation_error_rate).",
+                        "The batch input file failed validation (injected by the emulator's validation_error_rate).",
                     )
                 ]
             if not errors and cfg.enqueued_token_limit is not None:
@@ -521,8 +518,7 @@ class OpenAIBackend:
             todo = [
                 line
                 for line in batch.lines
-                if batch.cancel_after_progress
-                and self.core.frac("cancel", line.custom_id, line.attempt) < 0.5
+                if batch.cancel_after_progress and self.core.frac("cancel", line.custom_id, line.attempt) < 0.5
             ]
         else:
             todo = batch.lines
@@ -549,9 +545,7 @@ class OpenAIBackend:
                         {
                             "status_code": 404,
                             "request_id": new_id("req_"),
-                            "body": error_body(
-                                model_not_found(line.model), "invalid_request_error", "model_not_found"
-                            ),
+                            "body": error_body(model_not_found(line.model), "invalid_request_error", "model_not_found"),
                         },
                     )
                 )
@@ -705,9 +699,7 @@ def _result_line(
     return {"id": new_id("batch_req_"), "custom_id": custom_id, "response": response, "error": error}
 
 
-def _batch_error(
-    code: str, message: str, line: int | None = None, param: str | None = None
-) -> dict[str, Any]:
+def _batch_error(code: str, message: str, line: int | None = None, param: str | None = None) -> dict[str, Any]:
     return {"code": code, "message": message, "line": line, "param": param}
 
 
@@ -727,21 +719,16 @@ def _check_line(raw: str, endpoint: str) -> ChatLine | dict[str, Any]:
             param="custom_id",
         )
     if item.get("method") != "POST":
-        return _batch_error(
-            "invalid_method", f"The method of request {custom_id!r} must be 'POST'.", param="method"
-        )
+        return _batch_error("invalid_method", f"The method of request {custom_id!r} must be 'POST'.", param="method")
     if item.get("url") != endpoint:
         return _batch_error(
             "invalid_url",
-            f"The url {item.get('url')!r} of request {custom_id!r} does not "
-            f"match the batch endpoint {endpoint!r}.",
+            f"The url {item.get('url')!r} of request {custom_id!r} does not match the batch endpoint {endpoint!r}.",
             param="url",
         )
     body = item.get("body")
     if not isinstance(body, dict):
-        return _batch_error(
-            "missing_required_parameter", f"Request {custom_id!r} has no body object.", param="body"
-        )
+        return _batch_error("missing_required_parameter", f"Request {custom_id!r} has no body object.", param="body")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         return _batch_error(
@@ -767,15 +754,11 @@ def _check_metadata(metadata: Any) -> None:
         raise ApiError(400, f"metadata has {len(metadata)} keys; at most 16 are allowed.", param="metadata")
     for key, value in metadata.items():
         if len(key) > 64:
-            raise ApiError(
-                400, f"metadata key {key[:20]!r}... is longer than 64 characters.", param="metadata"
-            )
+            raise ApiError(400, f"metadata key {key[:20]!r}... is longer than 64 characters.", param="metadata")
         if not isinstance(value, str):
             raise ApiError(400, f"metadata value for {key!r} must be a string.", param="metadata")
         if len(value) > 512:
-            raise ApiError(
-                400, f"metadata value for {key!r} is longer than 512 characters.", param="metadata"
-            )
+            raise ApiError(400, f"metadata value for {key!r} is longer than 512 characters.", param="metadata")
 
 
 def _expiry_seconds(anchor: Any, seconds: Any, param: str) -> int:

@@ -382,9 +382,7 @@ class LocalBatchServer:
             if route is None:
                 if path_known:
                     raise ApiError(405, f"Method {call.method} is not allowed on {call.path}.")
-                raise ApiError(
-                    404, f"Unknown request URL: {call.method} {call.path}.", type="not_found_error"
-                )
+                raise ApiError(404, f"Unknown request URL: {call.method} {call.path}.", type="not_found_error")
             self._check_auth(call)
             reply = self._handlers[route.name](call)
         except ApiError as err:
@@ -515,6 +513,4 @@ class LocalBatchServer:
             return json_reply(self.config.as_dict())
         if action == ("GET", "health"):
             return json_reply({"ok": True, "url": self.url})
-        return error_reply(
-            ApiError(404, f"Unknown emulator control URL: {call.method} {call.path}."), "openai"
-        )
+        return error_reply(ApiError(404, f"Unknown emulator control URL: {call.method} {call.path}."), "openai")

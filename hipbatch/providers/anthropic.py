@@ -51,8 +51,12 @@ class Adapter(AdapterBase):
     def client(self) -> anthropic.Anthropic:
         import anthropic
 
-        return anthropic.Anthropic(api_key=self.settings.api_key(), base_url=self.settings.base_url or None,
-                                   max_retries=0, timeout=self.settings.timeout)
+        return anthropic.Anthropic(
+            api_key=self.settings.api_key(),
+            base_url=self.settings.base_url or None,
+            max_retries=0,
+            timeout=self.settings.timeout,
+        )
 
     translate = staticmethod(translate)
 
@@ -63,8 +67,7 @@ class Adapter(AdapterBase):
                 body[key] = value
         if system:
             # The system prompt is the long part shared by every request: cache it (1 h, batches are slow).
-            body["system"] = [{"type": "text", "text": system,
-                               "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
+            body["system"] = [{"type": "text", "text": system, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
         body["messages"] = [{"role": "user", "content": user}]
         return {"custom_id": custom_id, "params": body}
 
@@ -86,8 +89,7 @@ class Adapter(AdapterBase):
                 if created < since - 600:
                     break
                 counts = batch.request_counts
-                total = (counts.processing + counts.succeeded + counts.errored + counts.canceled
-                         + counts.expired)
+                total = counts.processing + counts.succeeded + counts.errored + counts.canceled + counts.expired
                 if created >= since - 5 and total == n_requests:
                     found.append(_info(batch))
         return found
@@ -102,8 +104,7 @@ class Adapter(AdapterBase):
             decoder = self.client.messages.batches.results(info.id)
             try:
                 for item in decoder:
-                    out.write(json.dumps(item.model_dump(mode="json", exclude_unset=True),
-                                         ensure_ascii=False))
+                    out.write(json.dumps(item.model_dump(mode="json", exclude_unset=True), ensure_ascii=False))
                     out.write("\n")
                     lines += 1
             finally:
@@ -119,13 +120,21 @@ class Adapter(AdapterBase):
         if kind == "errored":
             outer = result.get("error") or {}
             inner = outer.get("error") if isinstance(outer.get("error"), dict) else outer
-            return Result(custom_id, Outcome.ERRORED, error_code=str(inner.get("type") or "errored"),
-                          error_message=str(inner.get("message") or "")[:2000])
+            return Result(
+                custom_id,
+                Outcome.ERRORED,
+                error_code=str(inner.get("type") or "errored"),
+                error_message=str(inner.get("message") or "")[:2000],
+            )
         if kind == "canceled":
             return Result(custom_id, Outcome.CANCELED, error_code="canceled", error_message="batch was canceled")
         if kind == "expired":
-            return Result(custom_id, Outcome.EXPIRED, error_code="expired",
-                          error_message="batch ended (24 h) before this request ran")
+            return Result(
+                custom_id,
+                Outcome.EXPIRED,
+                error_code="expired",
+                error_message="batch ended (24 h) before this request ran",
+            )
         return Result(custom_id, Outcome.ERRORED, error_code="unknown_result", error_message=str(kind))
 
     def cancel(self, batch_id: str) -> BatchInfo:
@@ -143,12 +152,15 @@ class Adapter(AdapterBase):
 
 
 def _parse_message(custom_id: str, message: dict[str, Any]) -> Result:
-    text = "".join(block.get("text", "") for block in message.get("content") or []
-                   if block.get("type") == "text")
+    text = "".join(block.get("text", "") for block in message.get("content") or [] if block.get("type") == "text")
     usage = message.get("usage") or {}
     return Result(
-        custom_id, Outcome.SUCCEEDED, text=text, finish=FINISH.get(message.get("stop_reason") or "", "stop"),
-        input_tokens=int(usage.get("input_tokens") or 0), output_tokens=int(usage.get("output_tokens") or 0),
+        custom_id,
+        Outcome.SUCCEEDED,
+        text=text,
+        finish=FINISH.get(message.get("stop_reason") or "", "stop"),
+        input_tokens=int(usage.get("input_tokens") or 0),
+        output_tokens=int(usage.get("output_tokens") or 0),
         cache_read_tokens=int(usage.get("cache_read_input_tokens") or 0),
         cache_write_tokens=int(usage.get("cache_creation_input_tokens") or 0),
     )
@@ -159,8 +171,13 @@ def _info(batch: Any) -> BatchInfo:
     ended = batch.processing_status == "ended"
     total = c.processing + c.succeeded + c.errored + c.canceled + c.expired
     return BatchInfo(
-        id=batch.id, status=batch.processing_status, is_final=ended, total=total,
-        done=c.succeeded if ended else None, failed=(c.errored + c.canceled + c.expired) if ended else None,
-        counts_final_only=True, created_at=batch.created_at.timestamp(),
+        id=batch.id,
+        status=batch.processing_status,
+        is_final=ended,
+        total=total,
+        done=c.succeeded if ended else None,
+        failed=(c.errored + c.canceled + c.expired) if ended else None,
+        counts_final_only=True,
+        created_at=batch.created_at.timestamp(),
         expires_at=batch.expires_at.timestamp() if batch.expires_at else None,
     )

@@ -47,16 +47,19 @@ class Provider(Protocol):
 
     def check_model(self, model: str) -> None: ...  # raise UsageError if the provider does not know it
 
-    def to_line(self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str) -> dict[str, Any]:
-        ...  # one JSONL line in the provider's batch input format
+    def to_line(
+        self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str
+    ) -> dict[str, Any]: ...  # one JSONL line in the provider's batch input format
 
     def upload(self, path: Path) -> str | None: ...  # input file id (None: nothing to upload)
 
-    def create(self, path: Path, file_id: str | None, tag: dict[str, str]) -> BatchInfo:
-        ...  # one create call with no SDK retries; TransientError means "maybe created"
+    def create(
+        self, path: Path, file_id: str | None, tag: dict[str, str]
+    ) -> BatchInfo: ...  # one create call with no SDK retries; TransientError means "maybe created"
 
-    def find(self, tag: dict[str, str], since: float, n_requests: int) -> list[BatchInfo]:
-        ...  # batches that may be the one created for `tag`
+    def find(
+        self, tag: dict[str, str], since: float, n_requests: int
+    ) -> list[BatchInfo]: ...  # batches that may be the one created for `tag`
 
     def status(self, batch_id: str) -> BatchInfo: ...
 

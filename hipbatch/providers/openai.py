@@ -47,8 +47,12 @@ class Adapter(AdapterBase):
         import openai
 
         # max_retries=0: hipbatch's own tenacity policy owns every retry, so a create is never repeated blindly.
-        return openai.OpenAI(api_key=self.settings.api_key(), base_url=self.settings.base_url or None,
-                             max_retries=0, timeout=self.settings.timeout)
+        return openai.OpenAI(
+            api_key=self.settings.api_key(),
+            base_url=self.settings.base_url or None,
+            max_retries=0,
+            timeout=self.settings.timeout,
+        )
 
     translate = staticmethod(translate)
 
@@ -70,8 +74,12 @@ class Adapter(AdapterBase):
     def create(self, path: Path, file_id: str | None, tag: dict[str, str]) -> BatchInfo:
         assert file_id is not None
         with translate(f"create batch for {path.name}"):
-            batch = self.client.batches.create(input_file_id=file_id, endpoint=self.endpoint,  # type: ignore[arg-type]
-                                               completion_window="24h", metadata=tag)
+            batch = self.client.batches.create(
+                input_file_id=file_id,
+                endpoint=self.endpoint,  # type: ignore[arg-type]
+                completion_window="24h",
+                metadata=tag,
+            )
         return _info(batch)
 
     def find(self, tag: dict[str, str], since: float, n_requests: int) -> list[BatchInfo]:
@@ -95,8 +103,10 @@ class Adapter(AdapterBase):
             for file_id in (info.output_file_id, info.error_file_id):
                 if not file_id:
                     continue
-                with translate(f"download {file_id}"), \
-                        self.client.files.with_streaming_response.content(file_id) as response:
+                with (
+                    translate(f"download {file_id}"),
+                    self.client.files.with_streaming_response.content(file_id) as response,
+                ):
                     last = b"\n"
                     for chunk in response.iter_bytes(1 << 16):
                         out.write(chunk)
@@ -118,8 +128,9 @@ class Adapter(AdapterBase):
             err = body.get("error") if isinstance(body, dict) else None
             err = err if isinstance(err, dict) else {}
             code = err.get("code") or err.get("type") or f"http_{response.get('status_code')}"
-            return Result(custom_id, Outcome.ERRORED, error_code=str(code),
-                          error_message=str(err.get("message") or body)[:2000])
+            return Result(
+                custom_id, Outcome.ERRORED, error_code=str(code), error_message=str(err.get("message") or body)[:2000]
+            )
         error = error or {}
         code = str(error.get("code") or "unknown")
         outcome = Outcome.ERRORED
@@ -149,8 +160,11 @@ def _parse_completion(custom_id: str, body: dict[str, Any]) -> Result:
     if message.get("refusal"):
         finish = "refusal"
     return Result(
-        custom_id, Outcome.SUCCEEDED, text=message.get("content") or message.get("refusal") or "",
-        finish=finish, input_tokens=int(usage.get("prompt_tokens") or 0),
+        custom_id,
+        Outcome.SUCCEEDED,
+        text=message.get("content") or message.get("refusal") or "",
+        finish=finish,
+        input_tokens=int(usage.get("prompt_tokens") or 0),
         output_tokens=int(usage.get("completion_tokens") or 0),
         cache_read_tokens=int(details.get("cached_tokens") or 0),
     )
@@ -162,11 +176,17 @@ def _info(batch: Any) -> BatchInfo:
     if batch.errors and batch.errors.data:
         errors = [{"code": e.code, "message": e.message, "line": e.line} for e in batch.errors.data]
     return BatchInfo(
-        id=batch.id, status=batch.status, is_final=batch.status in FINAL,
-        total=counts.total if counts else None, done=counts.completed if counts else None,
-        failed=counts.failed if counts else None, created_at=float(batch.created_at),
+        id=batch.id,
+        status=batch.status,
+        is_final=batch.status in FINAL,
+        total=counts.total if counts else None,
+        done=counts.completed if counts else None,
+        failed=counts.failed if counts else None,
+        created_at=float(batch.created_at),
         expires_at=float(batch.expires_at) if batch.expires_at else None,
-        output_file_id=batch.output_file_id or None, error_file_id=batch.error_file_id or None,
-        errors=errors, metadata=dict(batch.metadata or {}), model=getattr(batch, "model", None),
+        output_file_id=batch.output_file_id or None,
+        error_file_id=batch.error_file_id or None,
+        errors=errors,
+        metadata=dict(batch.metadata or {}),
+        model=getattr(batch, "model", None),
     )
-
