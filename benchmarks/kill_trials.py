@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlite_utils import Database
+
 from hipbatch.emulator import EmulatorConfig
 from hipbatch.emulator.config import FAULT_KINDS
 from hipbatch.emulator.trap import TrapServer
@@ -153,9 +155,11 @@ def trial(provider: str, files: int, per_batch: int, kills: int, fault_rate: flo
                     break
             stats = server.stats
             store = Store(tmp / "state")
-            rows = {r["custom_id"]: r for r in store.table("requests").rows}
             batches = len(store.batches())
             store.close()
+            ledger = Database(tmp / "state" / "hipbatch.db")  # the ledger read as it is on disk
+            rows = {r["custom_id"]: r for r in ledger.table("requests").rows}
+            ledger.close()
             records = json.loads((tmp / "data/generated_prompts.json").read_text(encoding="utf-8"))
     dataset_ids = [r["custom_id"] for r in records]
     over_sent = sum(max(0, stats.sent[cid] - int(row["attempts"])) for cid, row in rows.items())

@@ -1,72 +1,27 @@
-"""Refresh batch status, read results into the ledger through the extractor, and write the dataset."""
+"""Collect: download the results of finished batches (checked: complete and parsable, or fetched again), read
+every line through the extractor into the ledger, and run the extractor again over stored replies."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hipbatch import poll
 from hipbatch.errors import HipbatchError, TransientError
 from hipbatch.extract import ExtractSettings, extract
-from hipbatch.poll import retrying
-from hipbatch.progress import NullProgress, Progress
+from hipbatch.progress import NullProgress, Progress, Task
 from hipbatch.providers import Provider
 from hipbatch.providers.base import iter_jsonl
+from hipbatch.providers.registry import Adapters
 from hipbatch.records import BatchInfo, Outcome, RequestState, Result
 from hipbatch.store import Store
 
 if TYPE_CHECKING:
     from hipbatch.cost import Price, PriceTable
-from hipbatch.submit import Adapters, Window, pick_window
-
-QUOTA_CODES = ("token_limit_exceeded",)
-
-
-@dataclass
-class RefreshReport:
-    refreshed: int = 0
-    requeued: list[str] = field(default_factory=list)  # batches refused for quota, shard queued again
-    errors: list[str] = field(default_factory=list)  # status checks that failed (batch left as it was)
-
-
-def refresh(
-    store: Store,
-    adapters: Adapters,
-    window: Window | Mapping[str, Window] | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-) -> RefreshReport:
-    """Ask the provider about every unfinished batch; a failed check leaves the batch as it was."""
-    report = RefreshReport()
-    for batch in store.batches(unfinished_only=True):
-        try:
-            info = retrying(adapters.get(batch["provider"]).status, batch["id"], sleep=sleep, attempts=4)
-        except HipbatchError as e:
-            report.errors.append(f"{batch['id']}: {e}")
-            continue
-        report.refreshed += 1
-        quota = info.status == "failed" and any(e.get("code") in QUOTA_CODES for e in info.errors)
-        # One transaction: a batch recorded as failed must never be left without its shard requeued.
-        with store.atomic():
-            store.update_batch(info)
-            if quota:
-                store.requeue_shard(batch["shard_id"], batch["id"])
-        if quota:
-            # Over the enqueued-token quota: not the requests' fault. Shard queued again; shrink the window.
-            report.requeued.append(batch["id"])
-            if window is not None:
-                # What is still enqueued is what the quota holds: send no more than that until a batch ends.
-                _, in_flight = store.in_flight(batch["provider"], batch["model"])
-                pick_window(window, batch["provider"]).refused(batch["model"], in_flight)
-        elif window is not None and info.is_final and info.status != "failed":
-            # The window grows back by what this batch held at the provider.
-            _, tokens = store.shard_size(batch["shard_id"])
-            pick_window(window, batch["provider"]).succeeded(batch["model"], tokens)
-    return report
 
 
 @dataclass
@@ -86,12 +41,13 @@ class _Extractors:
 
     def __call__(self, job: str) -> ExtractSettings:
         if job not in self._cache:
-            row = self.store.job(job) or {}
+            row = self.store.job(job)
             try:
                 from hipbatch.render import load_template
 
-                self._cache[job] = load_template(Path(row["template_dir"])).extract
-            except (HipbatchError, KeyError, TypeError):
+                assert row is not None and row.template_dir is not None
+                self._cache[job] = load_template(Path(row.template_dir)).extract
+            except (HipbatchError, AssertionError):
                 self._cache[job] = ExtractSettings()
         return self._cache[job]
 
@@ -145,7 +101,7 @@ def outcome_row(
 
 
 def collect_batches(
-    store: Store, adapters: Adapters, progress: Progress | None = None, sleep: Callable[[float], None] = time.sleep
+    store: Store, adapters: Adapters, progress: Progress | None = None, sleep: poll.Sleep = poll.REAL_CLOCK.sleep
 ) -> CollectReport:
     """Read the results of every finished, uncollected batch into the ledger."""
     progress = progress or NullProgress()
@@ -155,36 +111,35 @@ def collect_batches(
     results_dir = store.state_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     for batch in store.batches_to_collect():
-        info = _info_from_row(batch)
-        dest = results_dir / f"{batch['id']}.jsonl"
+        info = batch.info()
+        dest = results_dir / f"{batch.id}.jsonl"
         try:
-            provider = adapters.get(batch["provider"])
+            provider = adapters.get(batch.provider)
             # dest only ever appears whole (checked, then renamed): a collect killed after the download
             # reads it again instead of fetching it again.
-            remote = info.output_file_id or info.error_file_id or batch["counts_final_only"]
-            if remote and not dest.exists():
+            if (info.output_file_id or info.error_file_id or info.counts_final_only) and not dest.exists():
                 provider.check_key()
                 report.refetches += _download_checked(provider, info, dest, sleep)
         except HipbatchError as e:
             # Left uncollected, its requests still `submitted`: the next collect fetches it again.
-            report.errors.append(f"{batch['id']}: results not read, batch left uncollected: {e}")
+            report.errors.append(f"{batch.id}: results not read, batch left uncollected: {e}")
             continue
         # One transaction per batch: a batch is read in whole or not at all (a killed collect reads it again),
         # and SQLite writes each touched page once instead of once per chunk: results come in any order.
-        with store.atomic(), progress.task(f"collect {batch['id']}", info.total) as bar:
+        with store.atomic(), progress.task(f"collect {batch.id}", info.total) as bar:
             if dest.exists():
-                price = prices.lookup(batch["provider"], batch["model"]) if prices is not None else None
-                rows = _outcome_rows(dest, provider, extractors(batch["job"]), price, bar)
-                report.lines += store.save_results_staged(rows, from_batch=batch["id"])
+                price = prices.lookup(batch.provider, batch.model) if prices is not None else None
+                rows = _outcome_rows(dest, provider, extractors(batch.job), price, bar)
+                report.lines += store.save_results_staged(rows, from_batch=batch.id)
             leftover_state, message = _leftover(info)
-            store.mark_unanswered(batch["id"], leftover_state, message)
-            store.mark_collected(batch["id"])
-        report.batches.append(batch["id"])
+            store.mark_unanswered(batch.id, leftover_state, message)
+            store.mark_collected(batch.id)
+        report.batches.append(batch.id)
     return report
 
 
 def _outcome_rows(
-    dest: Path, provider: Provider, settings: ExtractSettings, price: Price | None, bar: Any
+    dest: Path, provider: Provider, settings: ExtractSettings, price: Price | None, bar: Task
 ) -> Iterator[dict[str, Any]]:
     """The ledger rows of a downloaded results file, streamed; the progress bar moves every 2,000."""
     n = 0
@@ -218,42 +173,28 @@ def _leftover(info: BatchInfo) -> tuple[str, str]:
     return RequestState.MISSING, "the provider returned no line for this request"
 
 
-def _download_checked(
-    provider: Provider, info: BatchInfo, dest: Path, sleep: Callable[[float], None], tries: int = 4
-) -> int:
-    """Download to a temp file; every line must parse and the line count must match, else fetch again."""
+def _download_checked(provider: Provider, info: BatchInfo, dest: Path, sleep: poll.Sleep) -> int:
+    """Download to a temp file; every line must parse and the line count must match, else fetch again.
+    Returns how many downloads were thrown away."""
     expected = (info.done or 0) + (info.failed or 0) if info.done is not None else None
     part = dest.with_suffix(".part")
     refetches = 0
-    for attempt in range(tries):
-        try:
-            retrying(provider.download, info, part, sleep=sleep)
-            count = sum(1 for _ in iter_jsonl(part))
-            if expected is not None and count < expected and attempt < tries - 1:
-                raise TransientError(f"{info.id}: download has {count} of {expected} lines")
-            os.replace(part, dest)
-            return refetches
-        except (TransientError, ValueError) as e:
-            refetches += 1
-            if attempt == tries - 1:
-                raise TransientError(f"{info.id}: download still incomplete after {tries} tries: {e}") from e
-            sleep(min(0.5 * 2**attempt, 10.0))
+    try:
+        for attempt in poll.attempts(poll.DOWNLOAD, sleep, retry_on=(TransientError, ValueError)):
+            with attempt:
+                try:
+                    provider.download(info, part)
+                    count = sum(1 for _ in iter_jsonl(part))
+                    last = attempt.retry_state.attempt_number >= poll.DOWNLOAD.attempts
+                    if expected is not None and count < expected and not last:
+                        raise TransientError(f"{info.id}: download has {count} of {expected} lines")
+                except (TransientError, ValueError):
+                    refetches += 1
+                    raise
+                os.replace(part, dest)
+    except (TransientError, ValueError) as e:
+        raise TransientError(f"{info.id}: download still incomplete after {poll.DOWNLOAD.attempts} tries: {e}") from e
     return refetches
-
-
-def _info_from_row(row: dict[str, Any]) -> BatchInfo:
-    return BatchInfo(
-        id=row["id"],
-        status=row["status"],
-        is_final=bool(row["is_final"]),
-        total=row["total"],
-        done=row["done"],
-        failed=row["failed"],
-        counts_final_only=bool(row["counts_final_only"]),
-        output_file_id=row["output_file_id"],
-        error_file_id=row["error_file_id"],
-        errors=json.loads(row["errors"]) if row["errors"] else [],
-    )
 
 
 def reextract(store: Store, job: str | None = None) -> dict[str, int]:
@@ -280,76 +221,3 @@ def reextract(store: Store, job: str | None = None) -> dict[str, int]:
             rows = []
     store.save_results(rows, keep_success=False)
     return counts
-
-
-# ---- the dataset ----------------------------------------------------------------------------------
-
-
-def write_dataset(store: Store, output: Path, fmt: str = "json", job: str | None = None) -> int:
-    """Write the dataset atomically (temp file + rename), streamed from the store; returns records."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    for stale in output.parent.glob(f".{output.name}.*.part"):
-        stale.unlink(missing_ok=True)  # left by a killed run; callers hold the state-dir lock
-    part = output.with_name(f".{output.name}.{os.getpid()}.part")
-    n = 0
-    try:
-        with part.open("w", encoding="utf-8") as fh:
-            if fmt == "json":
-                fh.write("[")
-            for text in _record_lines(store, job):
-                if fmt == "json":
-                    fh.write(("\n  " if n == 0 else ",\n  ") + text)
-                else:
-                    fh.write(text + "\n")
-                n += 1
-            if fmt == "json":
-                fh.write("\n]\n" if n else "]\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(part, output)
-    finally:
-        part.unlink(missing_ok=True)
-    return n
-
-
-def record_json(record: dict[str, Any]) -> str:
-    """json.dumps(record, ensure_ascii=False), with strings escaped directly (the dataset's hot loop)."""
-    parts = []
-    for key, value in record.items():
-        text = encode_basestring(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-        parts.append(f"{encode_basestring(key)}: {text}")
-    return "{" + ", ".join(parts) + "}"
-
-
-def _record_lines(store: Store, job: str | None) -> Iterator[str]:
-    """record_json of each record, without a dict per record: the columns that repeat (provider, model,
-    job, via) are encoded once per combination."""
-    tails: dict[tuple[Any, ...], str] = {}
-    for job_name, file_name, prompt, custom_id, provider, model, via in store.dataset_tuples(job):
-        key = (provider, model, job_name, via)
-        tail = tails.get(key)
-        if tail is None:
-            tail = tails[key] = record_json(
-                {"provider": provider, "model": model, "job": job_name, "via": via or "batch"}
-            )[1:]
-        yield (
-            f'{{"file_name": {_value(file_name)}, "english_prompt": {_value(prompt)}, '
-            f'"custom_id": {_value(custom_id)}, {tail}'
-        )
-
-
-def _value(value: Any) -> str:
-    return encode_basestring(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-
-
-def cancel_batches(store: Store, adapters: Adapters, batch_ids: list[str]) -> list[BatchInfo]:
-    """Ask the provider to cancel these batches; partial results are collected later like any other."""
-    out = []
-    for batch_id in batch_ids:
-        row = store.batch(batch_id)
-        if row is None:
-            raise HipbatchError(f"batch {batch_id}: not in this state dir (see `hipbatch status`)")
-        info = retrying(adapters.get(row["provider"]).cancel, batch_id)
-        store.update_batch(info)
-        out.append(info)
-    return out

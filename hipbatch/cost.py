@@ -8,10 +8,8 @@ checks or adopted batches leave the ledger as it is.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import time
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -19,11 +17,9 @@ from typing import Any
 
 from hipbatch.config import Config
 from hipbatch.errors import BudgetExceeded, UsageError
-from hipbatch.records import RETRYABLE, RequestState
-from hipbatch.store import Store
+from hipbatch.store import Store, TokenRates
 
 PRICE_KINDS = ("input", "output", "cache_read", "cache_write")
-IN_FLIGHT = (RequestState.PENDING, RequestState.SUBMITTED)
 _DATE_SUFFIX = re.compile(r"-(\d{8}|\d{4}-\d{2}-\d{2}|latest)$")
 
 
@@ -74,6 +70,12 @@ class Price:
     def worst_case(self, input_tokens: float, output_tokens: float, live: bool = False) -> float:
         """USD if no input hits the cache (every prefix written) and every reply runs to max_tokens."""
         return (input_tokens * self.worst_input + output_tokens * self.output) * self.factor(live) / 1_000_000
+
+    def rates(self, live: bool) -> TokenRates:
+        """These prices as the store's cost columns apply them."""
+        return TokenRates(
+            self.input, self.output, self.cache_read, self.cache_write, self.factor(live), self.input_includes_cache
+        )
 
     def plain(self, input_tokens: float, output_tokens: float, live: bool = False) -> float:
         """USD with every input token at the plain input price (no cache reads or writes)."""
@@ -228,28 +230,13 @@ class Calibration:
         )
 
 
-def _actual_input_sql(includes_cache: bool) -> str:
-    # Everything the model read: Anthropic reports cache reads and writes apart from input_tokens.
-    return "input_tokens" if includes_cache else "input_tokens + cache_read_tokens + cache_write_tokens"
-
-
 def calibration(store: Store, provider: str, model: str, includes_cache: bool) -> Calibration:
     """The ratio of actual to estimated input tokens over this model's answered requests."""
-    actual = _actual_input_sql(includes_cache)
-    n, est, act = store.db.execute(
-        f"SELECT count(*), sum(est_input_tokens), sum({actual}) FROM requests "
-        f"WHERE provider = ? AND model = ? AND answered_at IS NOT NULL AND est_input_tokens > 0 "
-        f"AND ({actual}) > 0",
-        [provider, model],
-    ).fetchone()
-    cal = Calibration(samples=int(n))
+    n, est, act = store.calibration_sums(provider, model, includes_cache)
+    cal = Calibration(samples=n)
     if n and est:
-        cal.ratio = float(act) / float(est)
-    row = store.db.execute(
-        "SELECT avg(output_tokens) FROM requests WHERE provider = ? AND model = ? AND state = ? AND output_tokens > 0",
-        [provider, model, RequestState.SUCCEEDED],
-    ).fetchone()
-    cal.avg_output_tokens = float(row[0]) if row and row[0] is not None else None
+        cal.ratio = act / est
+    cal.avg_output_tokens = store.avg_output_tokens(provider, model)
     return cal
 
 
@@ -320,18 +307,14 @@ def estimate(
 def queued_commitment(store: Store, prices: PriceTable) -> tuple[int, float | None]:
     """(requests, worst-case USD) already waiting in the local queue, which the next feed sends too."""
     total, n, unknown = 0.0, 0, False
-    for provider, model, count, local, outs in store.db.execute(
-        "SELECT provider, model, count(*), sum(est_input_tokens), sum(max_tokens) FROM requests "
-        "WHERE state = ? GROUP BY provider, model",
-        [RequestState.PENDING],
-    ).fetchall():
+    for provider, model, count, local, outs in store.queued_by_model():
         n += count
         price = prices.lookup(provider, model)
         if price is None:
             unknown = True
             continue
         cal = calibration(store, provider, model, price.input_includes_cache)
-        total += price.worst_case((local or 0) * (cal.ratio or 1.0), outs or 0)
+        total += price.worst_case(local * (cal.ratio or 1.0), outs)
     return n, None if unknown else total
 
 
@@ -359,29 +342,6 @@ def for_prepare(store: Store, prices: PriceTable, prep: Any) -> Estimate:
     return estimate(store, prices, prep.provider, prep.model, prep.new, prep.est_input_tokens, prep.max_tokens)
 
 
-def estimate_lines(est: Estimate) -> list[str]:
-    """The estimate in words, for stderr."""
-    lines = [
-        f"Estimate for {est.requests} request(s) to {est.provider}/{est.model}: "
-        f"{est.input_tokens:,} input tokens, output at most {est.output_ceiling:,} tokens "
-        f"({est.calibration_note})"
-    ]
-    if est.batch_usd is None:
-        lines.extend(f"Warning: {w}" for w in est.warnings)
-        return lines
-    lines.append(
-        f"Estimated cost, worst case (no cache hits, every reply at max_tokens): batch "
-        f"{usd(est.batch_usd)}, "
-        f"the same work live {usd(est.live_usd)} ({est.price_source})"
-    )
-    if est.likely_batch_usd is not None:
-        lines.append(
-            f"Likely cost at the {est.likely_output_tokens:,} output tokens replies of this model "
-            f"averaged so far: batch {usd(est.likely_batch_usd)}, live {usd(est.likely_live_usd)}"
-        )
-    return lines
-
-
 # ---- the ledger -----------------------------------------------------------------------------------
 
 
@@ -395,13 +355,7 @@ class SettleReport:
 def settle(store: Store, prices: PriceTable) -> SettleReport:
     """Fill est_cost_usd and cost_usd where they are NULL. Safe to run any number of times."""
     report = SettleReport()
-    flight, answered = list(IN_FLIGHT), "state NOT IN (?, ?)"
-    groups = store.db.execute(
-        f"SELECT provider, model, coalesce(via, 'batch') = 'live', est_cost_usd IS NULL, "
-        f"cost_usd IS NULL AND {answered} FROM requests WHERE est_cost_usd IS NULL OR (cost_usd IS NULL AND "
-        f"{answered}) GROUP BY 1, 2, 3, 4, 5",
-        [*flight, *flight],
-    ).fetchall()
+    groups = store.unsettled_groups()
     with store.atomic():
         for provider, model, live, needs_est, needs_cost in groups:
             price = prices.lookup(provider, model)
@@ -412,33 +366,9 @@ def settle(store: Store, prices: PriceTable) -> SettleReport:
                 continue
             if needs_est:
                 cal = calibration(store, provider, model, price.input_includes_cache)
-                cur = store.db.execute(
-                    "UPDATE requests SET est_cost_usd = "
-                    "(est_input_tokens * ? * ? + max_tokens * ?) * ? / 1e6 "
-                    "WHERE provider = ? AND model = ? AND est_cost_usd IS NULL",
-                    [cal.ratio or 1.0, price.worst_input, price.output, price.factor(False), provider, model],
-                )
-                report.estimated += max(cur.rowcount, 0)
+                report.estimated += store.fill_estimated_costs(provider, model, cal.ratio or 1.0, price.rates(False))
             if needs_cost:
-                cur = store.db.execute(
-                    "UPDATE requests SET cost_usd = ((input_tokens - ? * cache_read_tokens) * ? "
-                    "+ cache_read_tokens * ? + cache_write_tokens * ? + output_tokens * ?) * ? / 1e6 "
-                    f"WHERE provider = ? AND model = ? AND (coalesce(via, 'batch') = 'live') = ? "
-                    f"AND cost_usd IS NULL AND {answered}",
-                    [
-                        int(price.input_includes_cache),
-                        price.input,
-                        price.cache_read,
-                        price.cache_write,
-                        price.output,
-                        price.factor(bool(live)),
-                        provider,
-                        model,
-                        live,
-                        *flight,
-                    ],
-                )
-                report.costed += max(cur.rowcount, 0)
+                report.costed += store.fill_costs(provider, model, live, price.rates(live))
     return report
 
 
@@ -465,25 +395,17 @@ class Ledger:
         return {"rows": self.rows, "total": self.total}
 
 
-def _money(value: float | None) -> float | None:
+def money(value: float | None) -> float | None:
+    """USD rounded to the micro-dollar, as the ledger reports it."""
     return None if value is None else round(value, 6)
 
 
 def ledger(store: Store, prices: PriceTable, job: str | None = None) -> Ledger:
     """Per job and model: requests, tokens, actual cost, cost committed in flight, and the live price."""
-    where, args = ("WHERE job = ?", [job]) if job else ("", [])
-    marks = ",".join("?" * len(IN_FLIGHT))
-    sql = (
-        "SELECT job, provider, model, count(*), coalesce(sum(input_tokens), 0), "
-        "coalesce(sum(output_tokens), 0), coalesce(sum(cache_read_tokens), 0), "
-        f"coalesce(sum(cache_write_tokens), 0), sum(cost_usd), sum(cost_usd IS NOT NULL AND state NOT IN "
-        f"({marks})), sum(state NOT IN ({marks})), sum(CASE WHEN state IN ({marks}) THEN est_cost_usd END) "
-        f"FROM requests {where} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
-    )
     rows: list[dict[str, Any]] = []
     warnings: list[str] = []
-    result = store.db.execute(sql, [*IN_FLIGHT, *IN_FLIGHT, *IN_FLIGHT, *args]).fetchall()
-    earlier = superseded(store, job)
+    result = store.ledger_sums(job)
+    earlier = store.superseded_sums(job)
     for job_name, provider, model, n, tin, tout, tcr, tcw, cost, n_cost, n_final, committed in result:
         # Answers paid for and then asked again (retry, live): their tokens count too, once.
         old = [e for e in earlier if e[:3] == (job_name, provider, model)]
@@ -515,179 +437,21 @@ def ledger(store: Store, prices: PriceTable, job: str | None = None) -> Ledger:
             # Answered since the last settle(): count those from their tokens, as settle() will.
             cost = (cost or 0.0) + _unsettled_cost(store, price, job_name, provider, model)
         cost = (cost or 0.0) + sum(price.cost(e[4], e[5], e[6], e[7], live=bool(e[3])) for e in old)
-        row["cost_usd"] = _money(cost or 0.0)
-        row["committed_usd"] = _money(committed or 0.0)
-        row["live_equivalent_usd"] = _money(price.cost(tin, tout, tcr, tcw, live=True))
+        row["cost_usd"] = money(cost or 0.0)
+        row["committed_usd"] = money(committed or 0.0)
+        row["live_equivalent_usd"] = money(price.cost(tin, tout, tcr, tcw, live=True))
     total: dict[str, Any] = {}
     for key in LEDGER_KEYS:
         values = [r[key] for r in rows]
         if key.endswith("_usd"):
-            total[key] = None if any(v is None for v in values) else _money(sum(values))
+            total[key] = None if any(v is None for v in values) else money(sum(values))
         else:
             total[key] = sum(values)
     return Ledger(rows=rows, total=total, warnings=warnings, prices_checked=prices.checked)
 
 
-def superseded(store: Store, job: str | None = None) -> list[tuple[Any, ...]]:
-    """(job, provider, model, live, input, output, cache read, cache write, cost) of answers paid for and then
-    asked again, summed per job, model and mode."""
-    where, args = ("WHERE job = ?", [job]) if job else ("", [])
-    return store.db.execute(
-        "SELECT job, provider, model, coalesce(via, 'batch') = 'live', total(input_tokens), "
-        "total(output_tokens), total(cache_read_tokens), total(cache_write_tokens), total(cost_usd) "
-        f"FROM superseded {where} GROUP BY 1, 2, 3, 4",
-        args,
-    ).fetchall()
-
-
 def _unsettled_cost(store: Store, price: Price, job: str, provider: str, model: str) -> float:
-    total = 0.0
-    for tin, tout, tcr, tcw, live in store.db.execute(
-        "SELECT input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, "
-        "coalesce(via, 'batch') = 'live' FROM requests WHERE job = ? AND provider = ? AND model = ? "
-        "AND cost_usd IS NULL AND state NOT IN (?, ?)",
-        [job, provider, model, *IN_FLIGHT],
-    ):
-        total += price.cost(tin or 0, tout or 0, tcr or 0, tcw or 0, live=bool(live))
-    return total
-
-
-# ---- status at a glance ---------------------------------------------------------------------------
-
-
-def job_summaries(store: Store, job: str | None = None) -> dict[str, dict[str, Any]]:
-    """Per job: requests done / failed / in flight / queued, and the money spent and still committed."""
-    where, args = ("WHERE job = ?", [job]) if job else ("", [])
-    sums: dict[str, dict[str, Any]] = {}
-    # GROUP BY (job, state) over the covering index (job, state, cost_usd, est_cost_usd): no table reads.
-    for name, state, n, cost, n_cost, committed, n_committed in store.db.execute(
-        f"SELECT job, state, count(*), total(cost_usd), count(cost_usd), total(est_cost_usd), count(est_cost_usd) "
-        f"FROM requests {where} GROUP BY job, state",
-        args,
-    ):
-        s = sums.setdefault(
-            name,
-            {
-                "requests": 0,
-                "done": 0,
-                "failed": 0,
-                "in_flight": 0,
-                "queued": 0,
-                "cost": 0.0,
-                "n_cost": 0,
-                "final": 0,
-                "committed": 0.0,
-                "n_committed": 0,
-                "states": {},
-            },
-        )
-        s["requests"] += n
-        s["states"][state] = n
-        if state == RequestState.SUCCEEDED:
-            s["done"] += n
-        elif state in RETRYABLE:
-            s["failed"] += n
-        elif state == RequestState.SUBMITTED:
-            s["in_flight"] += n
-        elif state == RequestState.PENDING:
-            s["queued"] += n
-        s["cost"] += cost or 0.0
-        if state in IN_FLIGHT:
-            s["committed"] += committed or 0.0
-            s["n_committed"] += n_committed
-        else:
-            s["final"] += n
-            s["n_cost"] += n_cost
-    for name, *_, cost in superseded(store, job):
-        if name in sums:
-            sums[name]["cost"] += cost  # paid answers asked again count too
-    out: dict[str, dict[str, Any]] = {}
-    for name in sorted(sums):
-        s = sums[name]
-        out[name] = {
-            "requests": s["requests"],
-            "done": s["done"],
-            "failed": s["failed"],
-            "in_flight": s["in_flight"],
-            "queued": s["queued"],
-            # None when an answered request has no price yet (unknown model, or not settled)
-            "cost_usd": _money(s["cost"]) if s["n_cost"] >= s["final"] else None,
-            "committed_usd": _money(s["committed"]) if s["n_committed"] >= s["in_flight"] + s["queued"] else None,
-            "states": dict(sorted(s["states"].items())),  # requests per ledger state
-        }
-    return out
-
-
-def batch_figures(store: Store, batches: list[dict[str, Any]], now: float | None = None) -> dict[str, dict[str, Any]]:
-    """Per batch: seconds to expiry while it runs, and the most common failure reason."""
-    now = time.time() if now is None else now
-    tops = _request_errors(store)
-    out: dict[str, dict[str, Any]] = {}
-    for b in batches:
-        expires = b.get("expires_at")
-        out[b["id"]] = {
-            "expires_in_seconds": round(expires - now, 1) if expires and not b["is_final"] else None,
-            "top_error": tops.get(b["id"]) or _batch_error(b),
-        }
-    return out
-
-
-def _request_errors(store: Store) -> dict[str, dict[str, Any]]:
-    """The most common failure reason of each batch's requests (index-only over (state, batch_id, error_code))."""
-    marks = ",".join("?" * len(RETRYABLE))
-    best: dict[str, tuple[int, str, str | None]] = {}
-    for batch_id, state, code, n in store.db.execute(
-        f"SELECT batch_id, state, error_code, count(*) FROM requests "
-        f"WHERE state IN ({marks}) AND batch_id IS NOT NULL GROUP BY 1, 2, 3",
-        list(RETRYABLE),
-    ):
-        seen = best.get(batch_id)
-        if seen is None or (n, seen[1]) > (seen[0], state):  # most requests first, then state name
-            best[batch_id] = (n, state, code)
-    out = {}
-    for batch_id, (n, state, code) in best.items():
-        row = store.db.execute(
-            "SELECT error_message FROM requests WHERE state = ? AND batch_id = ? AND error_code IS ? LIMIT 1",
-            [state, batch_id, code],
-        ).fetchone()
-        reason = state if not code or code == state else f"{state}:{code}"
-        out[batch_id] = {"reason": reason, "count": n, "message": row[0] if row else None}
-    return out
-
-
-def _batch_error(b: dict[str, Any]) -> dict[str, Any] | None:
-    errors = json.loads(b["errors"]) if b.get("errors") else []
-    if errors:  # a batch refused as a whole (validation, quota)
-        first = errors[0]
-        return {
-            "reason": f"batch {b['status']}:{first.get('code')}",
-            "count": b.get("total") or len(errors),
-            "message": first.get("message"),
-        }
-    if b["is_final"] and (b.get("failed") or 0) > 0:
-        if not b.get("collected"):
-            return {
-                "reason": "not collected yet",
-                "count": b["failed"],
-                "message": "run `hipbatch collect` to download the error lines and see why",
-            }
-    return None
-
-
-def glance(
-    store: Store, job: str | None = None, now: float | None = None
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-    """(figures per batch id, summary per job) for `hipbatch status`."""
-    return batch_figures(store, store.batches(job=job), now), job_summaries(store, job)
-
-
-def summary_line(job: str, s: dict[str, Any]) -> str:
-    """One line per job above the status table."""
-    spent = usd(s["cost_usd"]) if s["cost_usd"] is not None else "unknown (no price for the model)"
-    committed = ""
-    if s["in_flight"] or s["queued"]:
-        committed = f", up to {usd(s['committed_usd'])} committed in flight" if s["committed_usd"] is not None else ""
-    return (
-        f"{job}: {s['requests']} requests: {s['done']} done, {s['failed']} failed, {s['in_flight']} in "
-        f"flight, {s['queued']} queued; cost so far {spent}{committed}"
+    return sum(
+        price.cost(tin, tout, tcr, tcw, live=live)
+        for tin, tout, tcr, tcw, live in store.unsettled_tokens(job, provider, model)
     )

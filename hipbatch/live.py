@@ -8,7 +8,6 @@ answer that no batch holds or may hold are sent. Worker threads call through one
 from __future__ import annotations
 
 import queue
-import random
 import signal
 import threading
 import time
@@ -16,25 +15,21 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
-
+from hipbatch import poll
 from hipbatch.collect import outcome_row
 from hipbatch.errors import ProviderError, TransientError
-from hipbatch.poll import MAX_RETRY_AFTER
+from hipbatch.prepare import Source, prepare
 from hipbatch.progress import default_progress
 from hipbatch.providers import Provider
+from hipbatch.queue import without_answered
 from hipbatch.records import Outcome, RequestState, Result, ShardState
-from hipbatch.render import SkipFile, Template, discover, read_source, request_id
+from hipbatch.render import SkipFile, Template, request_id
 from hipbatch.store import Store
-from hipbatch.submit import prepare, without_answered
 
 DEFAULT_WORKERS = 10
 GRACE_S = 10.0  # after Ctrl-C, how long calls in flight may still finish (their answers are kept)
-TRANSIENT_ATTEMPTS = 5  # per request: 5xx, timeouts, dropped connections
-RATE_LIMITED_ATTEMPTS = 30  # per request: 429 / overloaded answers (each one waits at the shared gate)
 RATE_LIMIT_STATUSES = frozenset({429, 503, 529})  # "slow down" answers: they hold the whole pool
 FATAL_STATUSES = frozenset({401, 403, 404})  # key, permission, model or URL: every request would fail
 WORK_CHUNK = 500
@@ -130,8 +125,7 @@ class Throttle:
                 self.streak += 1
                 self.limit = max(1.0, self.limit / 2)
                 self.min_limit = min(self.min_limit, int(self.limit))
-            backoff = min(0.25 * 2 ** max(self.streak - 1, 0), MAX_RETRY_AFTER) * (0.75 + random.random() / 2)
-            delay = min(max(retry_after or 0.0, backoff), MAX_RETRY_AFTER)
+            delay = poll.gate_pause(self.streak, retry_after)
             now = self.clock()
             until = now + delay
             if until > self.not_before:
@@ -217,25 +211,18 @@ class Pool:
     def answer(self, item: Item) -> Answer:
         """Call until an answer, a permanent error, the retry cap, or the stop."""
 
-        def stop(state: RetryCallState) -> bool:
+        def give_up() -> bool:
             return (
                 self.stopping.is_set()
-                or item.transient >= TRANSIENT_ATTEMPTS
-                or item.rate_limited >= RATE_LIMITED_ATTEMPTS
+                or item.transient >= poll.LIVE.attempts
+                or item.rate_limited >= poll.LIVE_RATE_LIMITED
             )
 
-        def wait(state: RetryCallState) -> float:
-            error = state.outcome.exception() if state.outcome else None
-            if error is not None and is_rate_limit(error):
-                return 0.0  # the shared gate already holds every worker
-            asked = getattr(error, "retry_after", None)
-            if asked is not None:
-                return min(float(asked), MAX_RETRY_AFTER)
-            return float(wait_exponential_jitter(initial=0.5, max=30.0)(state))
+        # A rate-limited call waits at the shared gate, which holds every worker: no back-off of its own.
+        def sleep(seconds: float) -> None:
+            self.stopping.wait(seconds)  # a stop cuts the back-off short
 
-        retrying = Retrying(
-            stop=stop, wait=wait, retry=retry_if_exception_type(TransientError), sleep=self.stopping.wait, reraise=True
-        )
+        retrying = poll.policy(poll.LIVE_UNBOUNDED, sleep, give_up=give_up, no_wait=is_rate_limit)
         try:
             for attempt in retrying:
                 with attempt:
@@ -308,10 +295,7 @@ def run_live(
     provider: Provider,
     model: str,
     params: dict[str, Any],
-    input_dir: Path,
-    job: str,
-    pattern: str = "**/*.hip",
-    limit: int | None = None,
+    source: Source,
     max_workers: int = DEFAULT_WORKERS,
     requests_per_minute: int | None = None,
     tokens_per_minute: int | None = None,
@@ -323,43 +307,41 @@ def run_live(
 
     Call with the store lock held: requests taken from a queued shard must not be sent in a batch meanwhile.
     """
-    prep = prepare(
-        store,
-        template,
-        provider,
-        model,
-        params,
-        input_dir,
-        job,
-        pattern,
-        limit,
-        progress=default_progress(quiet=not show_progress),
-    )
+    progress = default_progress(quiet=not show_progress)
+    prep = prepare(store, template, provider, model, params, source, progress=progress)
     report = LiveReport(
-        job=job, provider=provider.name, model=model, files=prep.files, prepare=asdict(prep), min_workers=max_workers
+        job=source.job,
+        provider=provider.name,
+        model=model,
+        files=prep.files,
+        prepare=asdict(prep),
+        min_workers=max_workers,
     )
-    names = discover(input_dir, pattern)
-    names = names[:limit] if limit is not None else names
-    report.to_answer = len({row["custom_id"] for row in _work_rows(store, job, names)})
+    names = list(source.names())
+    report.to_answer = len({row["custom_id"] for row in _work_rows(store, source.job, names)})
     run = _Run(store, template, provider, max_workers, requests_per_minute, tokens_per_minute, report, grace)
     started = time.monotonic()
     try:
         if report.to_answer:
             with _sigint_sets(run.stopping, run.abandon, handle_sigint), _bar(report, show_progress) as bar:
-                run.drive(_items(store, template, provider, model, params, input_dir, job, names, report), bar)
+                run.drive(_items(store, template, provider, model, params, source, names, report), bar)
     finally:
         run.pool_down()
         for shard in store.shards_in_states([ShardState.QUEUED]):
             without_answered(store, shard)  # so `status` and `submit` see only what is left to send
-        report.left = max(report.to_answer - report.done - report.changed, 0)
-        report.wall_s = round(time.monotonic() - started, 3)
-        report.per_second = round(report.done / report.wall_s, 2) if report.wall_s else 0.0
-        report.calls = run.calls
-        report.rate_limited = run.throttle.rate_limited
-        report.paused_s = round(run.throttle.paused_s, 3)
-        report.min_workers = run.throttle.min_limit
-        report.errors = dict(run.errors)
+        _finish_report(report, run, time.monotonic() - started)
     return report
+
+
+def _finish_report(report: LiveReport, run: _Run, wall_s: float) -> None:
+    report.left = max(report.to_answer - report.done - report.changed, 0)
+    report.wall_s = round(wall_s, 3)
+    report.per_second = round(report.done / report.wall_s, 2) if report.wall_s else 0.0
+    report.calls = run.calls
+    report.rate_limited = run.throttle.rate_limited
+    report.paused_s = round(run.throttle.paused_s, 3)
+    report.min_workers = run.throttle.min_limit
+    report.errors = dict(run.errors)
 
 
 def _work_rows(store: Store, job: str, names: list[str]) -> Iterator[dict[str, Any]]:
@@ -376,20 +358,19 @@ def _items(
     provider: Provider,
     model: str,
     params: dict[str, Any],
-    input_dir: Path,
-    job: str,
+    source: Source,
     names: list[str],
     report: LiveReport,
 ) -> Iterator[Item]:
     """The work, rendered again lazily with the code submit uses; a request is taken once."""
     seen: set[str] = set()
-    for row in _work_rows(store, job, names):
+    for row in _work_rows(store, source.job, names):
         cid = row["custom_id"]
         if cid in seen:
             continue  # two files with the same content share one request
         seen.add(cid)
         try:
-            code = read_source(input_dir / row["file_name"])
+            code = source.read(row["file_name"])
         except (SkipFile, OSError):
             report.changed += 1
             continue

@@ -6,8 +6,9 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from json.encoder import encode_basestring  # type: ignore[attr-defined]
+from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -108,28 +109,36 @@ class Shard:
 class ShardWriter:
     """Appends lines to the current shard and starts a new one when the next line would not fit.
 
-    A shard is written to `<name>.part` and renamed when complete, so a crash never leaves a
-    half-written shard under its final name.
+    A shard is written to `<name>.part` and renamed when complete, so a crash never leaves a half-written
+    shard under its final name. Each finished shard goes to `on_close` (which records it in the ledger) as soon
+    as it is renamed: the one packer behind submit, retry and the local queue.
     """
 
-    def __init__(self, directory: Path, prefix: str, max_requests: int, max_bytes: int, durable: bool = True) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        prefix: str,
+        max_requests: int,
+        max_bytes: int,
+        durable: bool = True,
+        on_close: Callable[[Shard], None] | None = None,
+    ) -> None:
         self.directory = directory
         self.prefix = prefix
         self.max_requests = max_requests
         self.max_bytes = max_bytes
         self.durable = durable  # fsync each shard before it is renamed and recorded (not for previews)
+        self.on_close = on_close
         self.current: Shard | None = None
         self._fh: Any = None
         directory.mkdir(parents=True, exist_ok=True)
 
     def fits_alone(self, line: bytes) -> bool:
+        """Whether a line fits in a shard of its own (else no batch can hold it)."""
         return len(line) <= self.max_bytes
 
-    def add(self, line: bytes, row: Any, est_tokens: int, custom_id: str | None = None) -> Shard | None:
-        """Add one line; returns the shard it closed to make room, if any.
-
-        row is kept for the ledger; custom_id defaults to row["custom_id"].
-        """
+    def add(self, line: bytes, custom_id: str, est_tokens: int, row: Any = None) -> Shard | None:
+        """Add one line (row, if given, is kept for the ledger); returns the shard it closed to make room."""
         closed = None
         cur = self.current
         if cur is not None and (cur.n_requests >= self.max_requests or cur.n_bytes + len(line) > self.max_bytes):
@@ -143,12 +152,13 @@ class ShardWriter:
         cur.n_requests += 1
         cur.n_bytes += len(line)
         cur.est_tokens += est_tokens
-        cur.requests.append(row)
-        cur.ids.add(custom_id if custom_id is not None else row["custom_id"])
+        if row is not None:
+            cur.requests.append(row)
+        cur.ids.add(custom_id)
         return closed
 
     def close(self) -> Shard | None:
-        """Finish the current shard (flush, fsync, rename); None if there is none."""
+        """Finish the current shard (flush, fsync, rename, hand to on_close); None if there is none."""
         shard, self.current = self.current, None
         if shard is None:
             return None
@@ -157,7 +167,20 @@ class ShardWriter:
             os.fsync(self._fh.fileno())
         self._fh.close()
         os.replace(shard.path.with_suffix(".jsonl.part"), shard.path)
+        if self.on_close is not None:
+            self.on_close(shard)
         return shard
 
     def pending_ids(self) -> set[str]:
+        """custom_ids in the shard being written."""
         return self.current.ids if self.current else set()
+
+
+def safe_name(name: str, keep: str = "-_") -> str:
+    """A job or file name reduced to letters, digits and `keep`, for paths (never empty)."""
+    return "".join(c if c.isalnum() or c in keep else "_" for c in name) or "job"
+
+
+def shard_prefix(job: str, number: int, suffix: str = "") -> str:
+    """The file-name prefix of the shards a packer writes for a job (the number keeps runs apart)."""
+    return f"{safe_name(job)[:40]}-{number:06d}{suffix}"

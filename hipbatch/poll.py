@@ -1,41 +1,194 @@
-"""The one retry policy (tenacity) for provider calls, and the wait loop for batches."""
+"""The one place that waits: the retry policies for provider calls (tenacity), their numbers, and the loops that
+wait for batches to finish, for the state-dir lock, or for the next refresh.
+
+Every wait goes through a `Clock` (sleep, monotonic, time) that callers pass in, so tests run the same loops
+with no real sleep and can assert on the waits.
+"""
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from tenacity import AttemptManager, RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from hipbatch.errors import TransientError
 
 T = TypeVar("T")
+Sleep = Callable[[float], None]
 
 MAX_RETRY_AFTER = 60.0  # honour Retry-After up to this; a server asking for an hour does not stall a run
 
 
-def _wait(state: RetryCallState) -> float:
+@dataclass(frozen=True)
+class Clock:
+    """Time as the waiting code sees it; tests pass a fake one."""
+
+    sleep: Callable[[float], None] = time.sleep
+    monotonic: Callable[[], float] = time.monotonic
+    now: Callable[[], float] = time.time
+
+
+REAL_CLOCK = Clock()
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How often one kind of call is tried, and the back-off between tries (doubling from `first` to `cap`)."""
+
+    attempts: int
+    first: float = 0.5
+    cap: float = 30.0
+
+
+#: The retry policies, by what is retried. These are the only retry numbers in hipbatch.
+CALL = Policy(attempts=8)  # an upload, a list, a model check: safe to repeat
+STATUS = Policy(attempts=4)  # a status check: a failed one leaves the batch as it was until the next poll
+CANCEL = Policy(attempts=3)  # a cancel, and the status check after a refused cancel
+CREATE = Policy(attempts=6)  # a batch create: after an ambiguous failure, look for the batch before trying again
+DOWNLOAD = Policy(attempts=4, cap=10.0)  # a results download, including one that is incomplete or does not parse
+LIVE = Policy(attempts=5)  # a live call that failed transiently (5xx, timeout, dropped connection)
+LIVE_RATE_LIMITED = 30  # a live call answered "slow down" (each waits at the shared gate, not here)
+LIVE_UNBOUNDED = Policy(attempts=LIVE.attempts + LIVE_RATE_LIMITED)  # both caps are counted by the caller
+GATE = Policy(attempts=0, first=0.25, cap=MAX_RETRY_AFTER)  # the live pool's pause after a 429
+
+#: `collect --wait`: polls in a row that may fail to read finished batches before the wait gives up on them,
+#: and polls in a row where shards wait, nothing runs and nothing can be sent (a missing key, ...).
+MAX_STUCK_POLLS = 5
+MAX_IDLE_POLLS = 5
+
+LOCK_POLL_S = 0.05  # how often a command waiting for the state-dir lock tries again
+
+
+def backoff(
+    policy: Policy, attempt: int, retry_after: float | None = None, rng: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait before try `attempt + 1`: what the server asked (capped), else jittered doubling."""
+    if retry_after is not None:
+        return min(float(retry_after), MAX_RETRY_AFTER)
+    base = min(policy.first * 2.0 ** max(attempt - 1, 0), policy.cap)
+    return base * (0.75 + rng() / 2)
+
+
+def gate_pause(streak: int, retry_after: float | None, rng: Callable[[], float] = random.random) -> float:
+    """How long the live pool's gate stays closed after a 429: max(Retry-After, back-off), capped."""
+    return min(max(retry_after or 0.0, backoff(GATE, streak, None, rng)), MAX_RETRY_AFTER)
+
+
+def _retry_after(state: RetryCallState) -> float | None:
     error = state.outcome.exception() if state.outcome else None
     asked = getattr(error, "retry_after", None)
-    if asked is not None:
-        return min(float(asked), MAX_RETRY_AFTER)
-    base = min(0.5 * 2 ** (state.attempt_number - 1), 30.0)
-    return base * (0.75 + random.random() / 2)
+    return None if asked is None else float(asked)
+
+
+def policy(
+    rule: Policy,
+    sleep: Callable[[float], None] = time.sleep,
+    retry_on: tuple[type[BaseException], ...] = (TransientError,),
+    give_up: Callable[[], bool] | None = None,
+    no_wait: Callable[[BaseException], bool] | None = None,
+) -> Retrying:
+    """The one tenacity builder: retry `retry_on` errors under `rule`, honouring Retry-After.
+
+    give_up() ends the retries early (a stopping run); no_wait(error) skips the back-off for errors that are
+    waited for elsewhere (a 429 in live mode holds the shared gate instead).
+    """
+
+    def stop(state: RetryCallState) -> bool:
+        return bool(give_up and give_up()) or stop_after_attempt(rule.attempts)(state)
+
+    def wait(state: RetryCallState) -> float:
+        error = state.outcome.exception() if state.outcome else None
+        if no_wait is not None and error is not None and no_wait(error):
+            return 0.0
+        return backoff(rule, state.attempt_number, _retry_after(state))
+
+    return Retrying(stop=stop, wait=wait, retry=retry_if_exception_type(retry_on), sleep=sleep, reraise=True)
+
+
+def attempts(
+    rule: Policy,
+    sleep: Callable[[float], None] = time.sleep,
+    retry_on: tuple[type[BaseException], ...] = (TransientError,),
+) -> Iterator[AttemptManager]:
+    """`for attempt in attempts(rule): with attempt: ...`: the tries of a block that does more than one call."""
+    yield from policy(rule, sleep, retry_on)
 
 
 def retrying(
-    fn: Callable[..., T], *args: Any, sleep: Callable[[float], None] = time.sleep, attempts: int = 8, **kwargs: Any
+    fn: Callable[..., T], *args: Any, rule: Policy = CALL, sleep: Callable[[float], None] = time.sleep, **kwargs: Any
 ) -> T:
-    """Call fn, retrying TransientError with backoff (honouring Retry-After); other errors pass through."""
-    for attempt in Retrying(
-        stop=stop_after_attempt(attempts),
-        wait=_wait,
-        retry=retry_if_exception_type(TransientError),
-        sleep=sleep,
-        reraise=True,
-    ):
+    """Call fn, retrying TransientError under `rule` (honouring Retry-After); other errors pass through."""
+    for attempt in policy(rule, sleep):
         with attempt:
             return fn(*args, **kwargs)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def wait_until(
+    ready: Callable[[], bool], timeout: float, clock: Clock = REAL_CLOCK, every: float = LOCK_POLL_S
+) -> bool:
+    """Try ready() until it is true or `timeout` seconds passed; True if it became true."""
+    deadline = clock.monotonic() + timeout
+    while not ready():
+        if clock.monotonic() >= deadline:
+            return False
+        clock.sleep(every)
+    return True
+
+
+def repeat(step: Callable[[], bool], interval: float, clock: Clock = REAL_CLOCK) -> None:
+    """Run step() every `interval` seconds until it returns True (`status --watch`)."""
+    while not step():
+        clock.sleep(interval)
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one poll of `collect --wait` / `drain` found."""
+
+    unfinished: int  # batches still running at the provider
+    queued: int  # shards waiting in the local queue
+    finished: int = 0  # batches that ended, collected or not
+    stuck: bool = False  # finished batches whose results could not be read this time
+    stalled: bool = False  # shards wait, nothing runs, and this round could send none
+
+
+def wait_for_batches(
+    poll_once: Callable[[], Round],
+    wait: bool,
+    interval: float,
+    timeout: float | None = None,
+    clock: Clock = REAL_CLOCK,
+    on_wait: Callable[[Round, float], None] | None = None,
+) -> tuple[str, Round]:
+    """Poll until nothing runs or waits (or once, without `wait`). Returns (why it ended, the last round).
+
+    The reasons: "once", "done", "stalled" (nothing can be sent: waiting longer cannot help), "deadline"
+    (--timeout, which bounds the whole wait: the last sleep is cut to fit it).
+    """
+    deadline = clock.monotonic() + timeout if timeout else None
+    stuck = idle = 0
+    while True:
+        last = poll_once()
+        idle = idle + 1 if last.stalled else 0
+        stuck = stuck + 1 if last.stuck else 0
+        if not wait:
+            return "once", last
+        # A finished batch whose download failed is fetched again at the next poll, a few times.
+        if not last.unfinished and not last.queued and not 0 < stuck < MAX_STUCK_POLLS:
+            return "done", last
+        if idle >= MAX_IDLE_POLLS:
+            return "stalled", last
+        pause = interval
+        if deadline is not None:
+            left = deadline - clock.monotonic()
+            if left <= 0:
+                return "deadline", last
+            pause = min(pause, left)
+        if on_wait is not None:
+            on_wait(last, pause)
+        clock.sleep(pause)

@@ -1,4 +1,6 @@
-"""Plain records passed between the stages: render -> pack -> submit -> poll -> results -> extract -> collect."""
+"""Plain records passed between the stages (render -> pack -> submit -> store -> poll -> collect -> extract ->
+dataset): ledger states, a provider batch and one result in neutral fields, and the typed rows the store hands
+out (ShardRow, BatchRow, JobRow), each built in one place in store.py."""
 
 from __future__ import annotations
 
@@ -54,20 +56,6 @@ class Outcome(StrEnum):
     CANCELED = "canceled"
 
 
-FINAL_BATCH_STATES = frozenset({"completed", "failed", "expired", "cancelled", "ended"})
-
-
-@dataclass(frozen=True)
-class Request:
-    """One rendered request, provider-neutral."""
-
-    custom_id: str
-    model: str
-    system: str
-    user: str
-    params: dict[str, Any]  # max_tokens, temperature, ...
-
-
 @dataclass
 class BatchInfo:
     """A provider batch, mapped to neutral fields (`status` keeps the provider's own word)."""
@@ -102,3 +90,90 @@ class Result:
     cache_write_tokens: int = 0
     error_code: str | None = None
     error_message: str | None = None
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job of the ledger (a --job name and what it was last submitted with)."""
+
+    name: str
+    provider: str | None = None
+    model: str | None = None
+    input_dir: str | None = None
+    template_dir: str | None = None
+    created_at: float | None = None
+    updated_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ShardRow:
+    """One JSONL shard of the ledger and where its submit stands."""
+
+    id: int
+    key: str
+    job: str
+    provider: str
+    model: str
+    endpoint: str
+    path: str
+    n_requests: int
+    n_bytes: int
+    est_tokens: int
+    state: str
+    file_id: str | None = None
+    batch_id: str | None = None
+    intent_at: float | None = None
+    requeues: int = 0
+    created_at: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """The shard file's name, for messages."""
+        return self.path.rsplit("/", 1)[-1]
+
+    @property
+    def tag(self) -> dict[str, str]:
+        """What a batch carries to name its shard (OpenAI metadata, Gemini display name)."""
+        return {"hipbatch_shard": self.key, "hipbatch_job": self.job[:500]}
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """One provider batch as the ledger last saw it."""
+
+    id: str
+    shard_id: int
+    job: str
+    provider: str
+    model: str
+    status: str
+    is_final: bool
+    total: int | None
+    done: int | None
+    failed: int | None
+    counts_final_only: bool
+    created_at: float | None
+    expires_at: float | None
+    finished_at: float | None
+    output_file_id: str | None
+    error_file_id: str | None
+    errors: list[dict[str, Any]]
+    collected: bool
+    adopted: bool
+
+    def info(self) -> BatchInfo:
+        """The provider-neutral view of this batch, as its adapter last reported it."""
+        return BatchInfo(
+            id=self.id,
+            status=self.status,
+            is_final=self.is_final,
+            total=self.total,
+            done=self.done,
+            failed=self.failed,
+            counts_final_only=self.counts_final_only,
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+            output_file_id=self.output_file_id,
+            error_file_id=self.error_file_id,
+            errors=list(self.errors),
+        )

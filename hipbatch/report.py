@@ -13,14 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hipbatch.cost import Ledger, PriceTable, job_summaries, ledger, usd
+from hipbatch.cost import Ledger, PriceTable, ledger, usd
 from hipbatch.errors import UsageError
 from hipbatch.records import RequestState
+from hipbatch.status import job_summaries
 from hipbatch.store import Store
 
 BUCKETS = 60
 SAMPLE_PROMPTS = 12
-COLORS = {
+COLORS: dict[str, str] = {
     RequestState.PENDING: "#b0b7c3",
     RequestState.SUBMITTED: "#5b8def",
     RequestState.SUCCEEDED: "#2e9e5b",
@@ -31,7 +32,7 @@ COLORS = {
     RequestState.TRUNCATED: "#e5b627",
     RequestState.MISSING: "#6b6b6b",
 }
-LABELS = {RequestState.PENDING: "queued", RequestState.SUBMITTED: "in flight"}
+LABELS: dict[str, str] = {RequestState.PENDING: "queued", RequestState.SUBMITTED: "in flight"}
 STACK = [
     RequestState.SUCCEEDED,
     RequestState.FAILED,
@@ -58,36 +59,22 @@ class Timeline:
 def timeline(store: Store, job: str, now: float | None = None) -> Timeline | None:
     """Queued at created_at, in flight from its batch's creation, final when answered (or last updated)."""
     in_flight = [RequestState.PENDING, RequestState.SUBMITTED]
-    final_at = "coalesce(r.answered_at, CASE WHEN r.state NOT IN (?, ?) THEN r.updated_at END)"
-    row = store.db.execute(
-        f"SELECT min(r.created_at), max({final_at}), sum(r.state IN (?, ?)) FROM requests r WHERE r.job = ?",
-        [*in_flight, *in_flight, job],
-    ).fetchone()
-    if row is None or row[0] is None:
+    span_row = store.timeline_span(job)
+    if span_row is None:
         return None
-    start = float(row[0])
-    end = float(row[1] or start)
-    if row[2]:
+    start, last, running = span_row
+    end = last or start
+    if running:
         end = max(end, time.time() if now is None else now)
     end = max(end, start + 1.0)
     span = end - start
-
-    # Bucket in SQL and group equal histories, so 100,000 requests are a few hundred rows here.
-    slot = f"CAST(min({BUCKETS - 1}, max(0, ({{}} - ?) / ? * {BUCKETS})) AS INTEGER)"
-    sql = (
-        f"SELECT r.state, {slot.format('r.created_at')}, "
-        f"CASE WHEN b.created_at IS NULL OR r.state = ? THEN NULL ELSE {slot.format('b.created_at')} END, "
-        f"CASE WHEN r.state IN (?, ?) THEN NULL ELSE {slot.format(final_at)} END, count(*) "
-        "FROM requests r LEFT JOIN batches b ON b.id = r.batch_id WHERE r.job = ? GROUP BY 1, 2, 3, 4"
-    )
-    args = [start, span, RequestState.PENDING, start, span, *in_flight, *in_flight, start, span, job]
     deltas: dict[str, list[int]] = {}
 
     def move(state: str, at: int, by: int) -> None:
         if at < BUCKETS:
             deltas.setdefault(state, [0] * BUCKETS)[at] += by
 
-    for state, t_created, sent, done, n in store.db.execute(sql, args):
+    for state, t_created, sent, done, n in store.timeline_histories(job, start, span, BUCKETS):
         t_done = BUCKETS if done is None else done
         t_sent = BUCKETS if sent is None else min(sent, t_done)
         move(RequestState.PENDING, t_created or 0, n)
@@ -200,13 +187,7 @@ def bars_svg(
 def _cost_parts(store: Store, prices: PriceTable, job: str) -> list[tuple[str, float, str]]:
     """The actual cost split into input, cache reads, cache writes and output (all models of the job)."""
     parts = {"input": 0.0, "cache reads": 0.0, "cache writes": 0.0, "output": 0.0}
-    columns = "provider, model, via, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens"
-    for provider, model, live, tin, tout, tcr, tcw in store.db.execute(
-        "SELECT provider, model, coalesce(via, 'batch') = 'live', sum(input_tokens), sum(output_tokens), "
-        f"sum(cache_read_tokens), sum(cache_write_tokens) FROM (SELECT {columns} FROM requests WHERE job = ? "
-        f"AND state NOT IN (?, ?) UNION ALL SELECT {columns} FROM superseded WHERE job = ?) GROUP BY 1, 2, 3",
-        [job, RequestState.PENDING, RequestState.SUBMITTED, job],
-    ):
+    for provider, model, live, tin, tout, tcr, tcw in store.token_sums_by_model(job):
         price = prices.lookup(provider, model)
         if price is None:
             continue
@@ -270,20 +251,36 @@ def build_report(store: Store, prices: PriceTable, job: str, now: float | None =
     """The HTML page for one job."""
     job_row = store.job(job)
     if job_row is None:
-        known = ", ".join(j["name"] for j in store.jobs()) or "none yet"
+        known = ", ".join(j.name for j in store.jobs()) or "none yet"
         raise UsageError(f"--job {job}: no such job in {store.state_dir} (jobs: {known})")
     led = ledger(store, prices, job)
-    summary = job_summaries(store, job).get(job) or {
-        "requests": 0,
-        "done": 0,
-        "failed": 0,
-        "in_flight": 0,
-        "queued": 0,
-        "cost_usd": 0.0,
-        "committed_usd": 0.0,
-    }
     esc = html.escape
     generated = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() if now is None else now))
+    body = [
+        f"<h1>hipbatch report: {esc(job)}</h1>",
+        f"<p class='muted'>{esc(str(job_row.provider))} / {esc(str(job_row.model))} · input "
+        f"{esc(str(job_row.input_dir))} · generated {generated} · prices checked "
+        f"{esc(prices.checked)}</p>",
+        _cards(store, job, led),
+        "<h2>Timeline</h2>",
+    ]
+    tl = timeline(store, job, now)
+    body.append(timeline_svg(tl) if tl is not None else "<p class='muted'>No requests yet.</p>")
+    body += _cost_section(store, prices, job, led)
+    body += _failure_section(store, job)
+    body += _sample_section(store, job)
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
+        "style-src 'unsafe-inline'; img-src data:\">"
+        f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>hipbatch report: "
+        f"{esc(job)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def _cards(store: Store, job: str, led: Ledger) -> str:
+    empty = {"requests": 0, "done": 0, "failed": 0, "in_flight": 0, "queued": 0}
+    summary = job_summaries(store, job).get(job) or empty
     cards = [
         ("requests", f"{summary['requests']:,}"),
         ("done", f"{summary['done']:,}"),
@@ -294,83 +291,55 @@ def build_report(store: Store, prices: PriceTable, job: str, now: float | None =
         ("live equivalent", usd(led.total["live_equivalent_usd"])),
         ("committed in flight", usd(led.total["committed_usd"])),
     ]
-    body = [
-        f"<h1>hipbatch report: {esc(job)}</h1>",
-        f"<p class='muted'>{esc(str(job_row.get('provider')))} / {esc(str(job_row.get('model')))} · input "
-        f"{esc(str(job_row.get('input_dir')))} · generated {generated} · prices checked "
-        f"{esc(prices.checked)}</p>",
-        "<div class='cards'>"
-        + "".join(f"<div class='card'><span class='muted'>{esc(k)}</span><b>{esc(v)}</b></div>" for k, v in cards)
-        + "</div>",
-        "<h2>Timeline</h2>",
-    ]
-    tl = timeline(store, job, now)
-    body.append(timeline_svg(tl) if tl is not None else "<p class='muted'>No requests yet.</p>")
-    body.append("<h2>Cost</h2>")
-    body.append(_ledger_table(led))
-    for warning in led.warnings:
-        body.append(f"<p class='muted'>Warning: {esc(warning)}</p>")
+    esc = html.escape
+    inner = "".join(f"<div class='card'><span class='muted'>{esc(k)}</span><b>{esc(v)}</b></div>" for k, v in cards)
+    return f"<div class='cards'>{inner}</div>"
+
+
+def _cost_section(store: Store, prices: PriceTable, job: str, led: Ledger) -> list[str]:
+    body = ["<h2>Cost</h2>", _ledger_table(led)]
+    body += [f"<p class='muted'>Warning: {html.escape(warning)}</p>" for warning in led.warnings]
     if led.total["cost_usd"] is not None:
-        parts = _cost_parts(store, prices, job)
-        live = led.total["live_equivalent_usd"] or 0.0
+        bars = [
+            *_cost_parts(store, prices, job),
+            ("actual total", led.total["cost_usd"] or 0.0, "#1d2330"),
+            ("live equivalent", led.total["live_equivalent_usd"] or 0.0, "#b0b7c3"),
+        ]
         body.append("<p class='muted'>Where the money went, and what the same tokens cost live:</p>")
-        body.append(
-            bars_svg(
-                [
-                    *parts,
-                    ("actual total", led.total["cost_usd"] or 0.0, "#1d2330"),
-                    ("live equivalent", live, "#b0b7c3"),
-                ],
-                usd,
-                ident="cost-bars",
-            )
-        )
-    body.append("<h2>Failure reasons</h2>")
+        body.append(bars_svg(bars, usd, ident="cost-bars"))
+    return body
+
+
+def _failure_section(store: Store, job: str) -> list[str]:
+    esc = html.escape
+    body = ["<h2>Failure reasons</h2>"]
     reasons = store.failure_reasons(job)
-    if reasons:
+    if not reasons:
+        return [*body, "<p class='muted'>No failures.</p>"]
+    bars = [(r, float(n), "#d64545") for r, n in reasons.items()]
+    body.append(bars_svg(bars, lambda v: f"{int(v):,}", ident="failure-bars"))
+    body.append("<table><thead><tr><th>reason</th><th>requests</th><th>example</th></tr></thead><tbody>")
+    for reason, n, message in store.failure_examples(job):
         body.append(
-            bars_svg(
-                [(r, float(n), "#d64545") for r, n in reasons.items()], lambda v: f"{int(v):,}", ident="failure-bars"
-            )
+            f"<tr><td>{esc(reason)}</td><td data-value='{n}'>{n:,}</td><td>{esc((message or '')[:300])}</td></tr>"
         )
-        body.append("<table><thead><tr><th>reason</th><th>requests</th><th>example</th></tr></thead><tbody>")
-        for reason, n, message in _reason_examples(store, job):
-            body.append(
-                f"<tr><td>{esc(reason)}</td><td data-value='{n}'>{n:,}</td><td>{esc((message or '')[:300])}</td></tr>"
-            )
-        body.append("</tbody></table>")
-    else:
-        body.append("<p class='muted'>No failures.</p>")
-    body.append(
-        "<h2>Sample of extracted prompts</h2><table><thead><tr><th>file</th><th>prompt</th></tr></thead><tbody>"
-    )
-    shown = 0
-    for row in store.dataset_rows(job):
+    body.append("</tbody></table>")
+    return body
+
+
+def _sample_section(store: Store, job: str) -> list[str]:
+    esc = html.escape
+    body = ["<h2>Sample of extracted prompts</h2><table><thead><tr><th>file</th><th>prompt</th></tr></thead><tbody>"]
+    for n, row in enumerate(store.dataset_rows(job)):
+        if n >= SAMPLE_PROMPTS:
+            break
         body.append(
             f"<tr><td><code>{esc(row['file_name'])}</code></td>"
             f"<td class='prompt'>{esc(row['english_prompt'] or '')}</td></tr>"
         )
-        shown += 1
-        if shown >= SAMPLE_PROMPTS:
-            break
+    shown = len(body) - 1
     body.append("</tbody></table>" + ("" if shown else "<p class='muted'>No prompts extracted yet.</p>"))
-    return (
-        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        "<meta http-equiv='Content-Security-Policy' content=\"default-src 'none'; "
-        "style-src 'unsafe-inline'; img-src data:\">"
-        f"<meta name='viewport' content='width=device-width, initial-scale=1'><title>hipbatch report: "
-        f"{esc(job)}</title><style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
-    )
-
-
-def _reason_examples(store: Store, job: str) -> list[tuple[str, int, str | None]]:
-    rows = store.db.execute(
-        "SELECT state || CASE WHEN error_code IS NOT NULL AND error_code != state THEN ':' || error_code "
-        "ELSE '' END, count(*), max(error_message) FROM requests WHERE job = ? AND state NOT IN (?, ?, ?) "
-        "GROUP BY 1 ORDER BY 2 DESC",
-        [job, RequestState.SUCCEEDED, RequestState.PENDING, RequestState.SUBMITTED],
-    ).fetchall()
-    return [(r, int(n), m) for r, n, m in rows]
+    return body
 
 
 @dataclass
@@ -404,7 +373,7 @@ def write_report(store: Store, prices: PriceTable, job: str, output: Path) -> Re
 
 def default_job(store: Store) -> str:
     """The only job in the store, or a UsageError asking for --job."""
-    jobs = [j["name"] for j in store.jobs()]
+    jobs = [j.name for j in store.jobs()]
     if len(jobs) == 1:
         return str(jobs[0])
     if not jobs:

@@ -15,6 +15,7 @@ import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,12 @@ from sqlite_utils.db import NotFoundError, Table
 
 from hipbatch.errors import StoreLocked
 from hipbatch.migrations import migrations
-from hipbatch.records import RETRYABLE, BatchInfo, RequestState, ShardState
+from hipbatch.poll import wait_until
+from hipbatch.records import RETRYABLE, BatchInfo, BatchRow, JobRow, RequestState, ShardRow, ShardState
 
+_IN_FLIGHT = (RequestState.PENDING, RequestState.SUBMITTED)
+_ANSWERED = "state NOT IN (?, ?)"  # takes _IN_FLIGHT
+_FINAL_AT = "coalesce(r.answered_at, CASE WHEN r.state NOT IN (?, ?) THEN r.updated_at END)"  # takes _IN_FLIGHT
 CHUNK = 2000  # rows per bulk statement: keeps memory flat and statements under SQLite's variable limit
 
 
@@ -39,6 +44,23 @@ def _chunks(items: Iterable[Any], size: int = CHUNK) -> Iterator[list[Any]]:
         yield chunk
 
 
+@dataclass(frozen=True)
+class TokenRates:
+    """A model's prices (USD per 1M tokens) and the batch or live factor, as the cost columns are computed."""
+
+    input: float
+    output: float
+    cache_read: float
+    cache_write: float
+    factor: float
+    input_includes_cache: bool = False
+
+
+def lock_timeout() -> float:
+    """Seconds a command waits for another one on the same state dir (HIPBATCH_LOCK_TIMEOUT, default 600)."""
+    return float(os.environ.get("HIPBATCH_LOCK_TIMEOUT", "600"))
+
+
 class StateLock:
     """An exclusive lock file per state dir, so two commands never interleave their writes."""
 
@@ -46,21 +68,24 @@ class StateLock:
         self.path = state_dir / "hipbatch.lock"
         self._fd: int | None = None
 
-    def acquire(self, timeout: float = 30.0) -> None:
+    def acquire(self, timeout: float | None = None) -> None:
+        """Take the lock, waiting up to `timeout` seconds (default: HIPBATCH_LOCK_TIMEOUT, else 600)."""
+        timeout = lock_timeout() if timeout is None else timeout
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def take() -> bool:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise StoreLocked(
-                        f"another hipbatch command is working on {self.path.parent} "
-                        f"(waited {timeout:.0f}s); wait for it to finish or stop it, then rerun"
-                    ) from None
-                time.sleep(0.05)
+                return False
+            return True
+
+        if not wait_until(take, timeout):
+            os.close(fd)
+            raise StoreLocked(
+                f"another hipbatch command is working on {self.path.parent} "
+                f"(waited {timeout:.0f}s); wait for it to finish or stop it, then rerun"
+            )
         self._fd = fd
 
     def release(self) -> None:
@@ -70,7 +95,7 @@ class StateLock:
             self._fd = None
 
     @contextmanager
-    def held(self, timeout: float = 30.0) -> Iterator[None]:
+    def held(self, timeout: float | None = None) -> Iterator[None]:
         self.acquire(timeout)
         try:
             yield
@@ -86,31 +111,31 @@ class Store:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.lock = StateLock(state_dir)
         conn = sqlite3.connect(state_dir / "hipbatch.db", timeout=60, isolation_level=None, check_same_thread=False)
-        self.db = Database(conn, execute_plugins=False)  # no plugin scan: 50 ms off every command start
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
-        self.db.execute("PRAGMA busy_timeout=60000")
+        self._db = Database(conn, execute_plugins=False)  # no plugin scan: 50 ms off every command start
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+        self._db.execute("PRAGMA busy_timeout=60000")
         # A bounded page cache (32 MB, not proportional to the store) so bulk updates in random order stay
         # in memory within one transaction instead of re-reading and re-writing pages.
-        self.db.execute("PRAGMA cache_size=-32768")
-        if migrations.pending(self.db):  # read-only check: an up-to-date store needs no lock to open
-            with self.lock.held(timeout=float(os.environ.get("HIPBATCH_LOCK_TIMEOUT", "600"))):
-                migrations.apply(self.db)
+        self._db.execute("PRAGMA cache_size=-32768")
+        if migrations.pending(self._db):  # read-only check: an up-to-date store needs no lock to open
+            with self.lock.held():
+                migrations.apply(self._db)
 
     def read_mapped(self) -> None:
         """Read pages straight from the OS cache, for commands that aggregate the whole ledger (status):
         ~1.5x faster on 10^6 requests. Not for writers: mapped pages would count in their peak RSS."""
-        self.db.execute("PRAGMA mmap_size=268435456")
+        self._db.execute("PRAGMA mmap_size=268435456")
 
     def close(self) -> None:
-        self.db.close()
+        self._db.close()
 
-    def table(self, name: str) -> Table:
-        return self.db.table(name)
+    def _table(self, name: str) -> Table:
+        return self._db.table(name)
 
     @contextmanager
     def atomic(self) -> Iterator[None]:
-        with self.db.atomic():
+        with self._db.atomic():
             yield
 
     # ---- jobs and files -------------------------------------------------------------------------
@@ -121,13 +146,14 @@ class Store:
         row = {"name": name, **fields, "updated_at": now}
         if existing is None:
             row["created_at"] = now
-        self.table("jobs").upsert(row, pk="name")
+        self._table("jobs").upsert(row, pk="name")
 
-    def job(self, name: str) -> dict[str, Any] | None:
-        return self._get("jobs", name)
+    def job(self, name: str) -> JobRow | None:
+        row = self._get("jobs", name)
+        return None if row is None else _job_row(row)
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return list(self.table("jobs").rows_where(order_by="name"))
+    def jobs(self) -> list[JobRow]:
+        return [_job_row(r) for r in self._table("jobs").rows_where(order_by="name")]
 
     def record_files(self, rows: Iterable[dict[str, Any]], now: float | None = None) -> None:
         """Upsert (job, file_name) -> custom_id / skip_reason rows in one transaction.
@@ -135,8 +161,8 @@ class Store:
         A row that is already there unchanged is not written again (a re-submit of an unchanged folder).
         """
         now = time.time() if now is None else now
-        with self.db.atomic():
-            self.db.conn.executemany(
+        with self._db.atomic():
+            self._db.conn.executemany(
                 "INSERT INTO files (job, file_name, custom_id, skip_reason, updated_at) "
                 "VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (job, file_name) DO UPDATE SET custom_id = excluded.custom_id, "
@@ -146,7 +172,7 @@ class Store:
             )
 
     def file_count(self, job: str) -> int:
-        return int(self.db.execute("SELECT count(*) FROM files WHERE job = ?", [job]).fetchone()[0])
+        return int(self._db.execute("SELECT count(*) FROM files WHERE job = ?", [job]).fetchone()[0])
 
     def forget_files_not_in(self, job: str, names: Iterable[str]) -> int:
         """Drop the job's file rows whose name is not in `names`, which must come sorted (as discovery gives
@@ -154,14 +180,14 @@ class Store:
         present = iter(names)
         current = next(present, None)
         gone = []
-        for (name,) in self.db.execute("SELECT file_name FROM files WHERE job = ? ORDER BY file_name", [job]):
+        for (name,) in self._db.execute("SELECT file_name FROM files WHERE job = ? ORDER BY file_name", [job]):
             while current is not None and current < name:
                 current = next(present, None)
             if current != name:
                 gone.append(name)
         for chunk in _chunks(gone, 500):
             marks = ",".join("?" * len(chunk))
-            self.db.execute(f"DELETE FROM files WHERE job = ? AND file_name IN ({marks})", [job, *chunk])
+            self._db.execute(f"DELETE FROM files WHERE job = ? AND file_name IN ({marks})", [job, *chunk])
         return len(gone)
 
     def skipped_files(self, job: str | None = None) -> list[dict[str, Any]]:
@@ -169,7 +195,7 @@ class Store:
         if job:
             where += " AND job = ?"
             args.append(job)
-        return list(self.table("files").rows_where(where, args, order_by="file_name"))
+        return list(self._table("files").rows_where(where, args, order_by="file_name"))
 
     # ---- requests -------------------------------------------------------------------------------
 
@@ -179,21 +205,21 @@ class Store:
         for chunk in _chunks(custom_ids, 900):
             marks = ",".join("?" * len(chunk))
             found.update(
-                r[0] for r in self.db.execute(f"SELECT custom_id FROM requests WHERE custom_id IN ({marks})", chunk)
+                r[0] for r in self._db.execute(f"SELECT custom_id FROM requests WHERE custom_id IN ({marks})", chunk)
             )
         return found
 
     def add_shard(self, shard: dict[str, Any], requests: Iterable[dict[str, Any]]) -> int:
         """Record a written shard and its requests in one transaction; returns the shard id."""
         now = time.time()
-        with self.db.atomic():
-            table = self.table("shards")
+        with self._db.atomic():
+            table = self._table("shards")
             table.insert({**shard, "state": ShardState.QUEUED, "created_at": now, "updated_at": now})
             shard_id = int(table.last_pk)  # type: ignore[arg-type]
             for chunk in _chunks(requests):
                 for row in chunk:
                     row.update(shard_id=shard_id, state=RequestState.PENDING, created_at=now, updated_at=now)
-                self.table("requests").insert_all(chunk, pk="custom_id", batch_size=CHUNK, ignore=True)
+                self._table("requests").insert_all(chunk, pk="custom_id", batch_size=CHUNK, ignore=True)
         return shard_id
 
     def supersede_answers(self, custom_ids: Sequence[str]) -> int:
@@ -201,17 +227,17 @@ class Store:
         superseded table, in one transaction: the ledger then counts both answers, each once."""
         now = time.time()
         moved = 0
-        with self.db.atomic():
+        with self._db.atomic():
             for chunk in _chunks(custom_ids, 900):
                 where = f"custom_id IN ({','.join('?' * len(chunk))}) AND (input_tokens > 0 OR output_tokens > 0)"
-                moved += self.db.execute(
+                moved += self._db.execute(
                     "INSERT INTO superseded (custom_id, job, provider, model, batch_id, via, input_tokens, "
                     "output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, answered_at, superseded_at) "
                     "SELECT custom_id, job, provider, model, batch_id, via, input_tokens, output_tokens, "
                     f"cache_read_tokens, cache_write_tokens, cost_usd, answered_at, ? FROM requests WHERE {where}",
                     [now, *chunk],
                 ).rowcount
-                self.db.execute(
+                self._db.execute(
                     "UPDATE requests SET input_tokens = 0, output_tokens = 0, cache_read_tokens = 0, "
                     f"cache_write_tokens = 0, cost_usd = NULL WHERE {where}",
                     list(chunk),
@@ -222,14 +248,14 @@ class Store:
         """Record a retry shard: the requests go back to pending in it, their attempt counted, any paid
         answer they had kept in the superseded table."""
         now = time.time()
-        with self.db.atomic():
+        with self._db.atomic():
             self.supersede_answers(custom_ids)
-            table = self.table("shards")
+            table = self._table("shards")
             table.insert({**shard, "state": ShardState.QUEUED, "created_at": now, "updated_at": now})
             shard_id = int(table.last_pk)  # type: ignore[arg-type]
             for chunk in _chunks(custom_ids, 900):
                 marks = ",".join("?" * len(chunk))
-                self.db.execute(
+                self._db.execute(
                     f"UPDATE requests SET shard_id = ?, batch_id = NULL, state = ?, updated_at = ? "
                     f"WHERE custom_id IN ({marks})",
                     [shard_id, RequestState.PENDING, now, *chunk],
@@ -251,7 +277,7 @@ class Store:
         if max_attempts is not None:
             where += " AND attempts < ?"
             args.append(max_attempts)
-        yield from self.table("requests").rows_where(
+        yield from self._table("requests").rows_where(
             where,
             args,
             order_by="shard_id, custom_id",
@@ -259,7 +285,7 @@ class Store:
         )
 
     def batch_request_ids(self, batch_id: str) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT custom_id FROM requests WHERE batch_id = ?", [batch_id])}
+        return {r[0] for r in self._db.execute("SELECT custom_id FROM requests WHERE batch_id = ?", [batch_id])}
 
     def save_results(
         self, rows: Sequence[dict[str, Any]], keep_success: bool = True, from_batch: str | None = None
@@ -288,10 +314,10 @@ class Store:
                 if from_batch is not None:
                     args += [from_batch, row.get("state"), RequestState.SUCCEEDED]
                 groups.setdefault(cols, []).append(args)
-            with self.db.atomic():
+            with self._db.atomic():
                 for cols, many in groups.items():
                     sets = ", ".join(f"{c} = ?" for c in cols)
-                    self.db.conn.executemany(f"UPDATE requests SET {sets} WHERE custom_id = ?{guard}", many)
+                    self._db.conn.executemany(f"UPDATE requests SET {sets} WHERE custom_id = ?{guard}", many)
 
     def save_results_staged(
         self, rows: Iterable[dict[str, Any]], keep_success: bool = True, from_batch: str | None = None
@@ -304,47 +330,54 @@ class Store:
         column set, sorted by rowid. A custom_id found twice is applied line by line in file order, as
         save_results would. Run inside the caller's transaction; returns the rows staged.
         """
-        now = time.time()
-        db = self.db.conn
-        db.execute("DROP TABLE IF EXISTS temp.hb_staged")
+        self._db.conn.execute("DROP TABLE IF EXISTS temp.hb_staged")
+        groups: dict[tuple[str, ...], int] = {}  # column set -> group number
         staged: list[str] = []  # value columns of the temp table, in order
-        groups: dict[tuple[str, ...], int] = {}
-        groups_made = False
         n = 0
         for chunk in _chunks(rows):
-            by_group: dict[int, list[list[Any]]] = {}
-            for row in chunk:
-                cols = tuple(k for k in row if k != "custom_id" and k != "updated_at")
-                grp = groups.get(cols)
-                if grp is None:
-                    grp = groups[cols] = len(groups)
-                    new = [c for c in cols if c not in staged]
-                    if not groups_made:
-                        groups_made = True
-                        db.execute(
-                            "CREATE TEMP TABLE hb_staged (rid INTEGER, seq INTEGER, grp INTEGER"
-                            + "".join(f", {c}" for c in new)
-                            + ")"
-                        )
-                    else:
-                        for c in new:
-                            db.execute(f"ALTER TABLE temp.hb_staged ADD COLUMN {c}")
-                    staged.extend(new)
-                by_group.setdefault(grp, []).append([n, grp, *(row[c] for c in cols), row["custom_id"]])
-                n += 1
-            for grp, many in by_group.items():
-                cols = next(c for c, g in groups.items() if g == grp)
-                marks = ", ".join("?" * (len(cols) + 2))
-                db.executemany(
-                    f"INSERT INTO temp.hb_staged (rid, seq, grp{''.join(', ' + c for c in cols)}) "
-                    f"SELECT rowid, {marks} FROM requests WHERE custom_id = ?",
-                    many,
-                )
-        if not groups_made:
-            return n
-        state = "s.state" if "state" in staged else "NULL"
+            n = self._stage(chunk, n, groups, staged)
+        if groups:
+            self._apply_staged(groups, "state" in staged, keep_success, from_batch)
+            self._db.conn.execute("DROP TABLE temp.hb_staged")
+        return n
+
+    def _stage(self, chunk: list[dict[str, Any]], n: int, groups: dict[tuple[str, ...], int], staged: list[str]) -> int:
+        """Copy one chunk of rows into temp.hb_staged (made, or widened, for new column sets); returns the next seq."""
+        db = self._db.conn
+        by_group: dict[int, list[list[Any]]] = {}
+        for row in chunk:
+            cols = tuple(k for k in row if k != "custom_id" and k != "updated_at")
+            grp = groups.get(cols)
+            if grp is None:
+                grp = groups[cols] = len(groups)
+                new = [c for c in cols if c not in staged]
+                if grp == 0:
+                    columns = "".join(f", {c}" for c in new)
+                    db.execute(f"CREATE TEMP TABLE hb_staged (rid INTEGER, seq INTEGER, grp INTEGER{columns})")
+                else:
+                    for c in new:
+                        db.execute(f"ALTER TABLE temp.hb_staged ADD COLUMN {c}")
+                staged.extend(new)
+            by_group.setdefault(grp, []).append([n, grp, *(row[c] for c in cols), row["custom_id"]])
+            n += 1
+        by_number = {g: c for c, g in groups.items()}
+        for grp, many in by_group.items():
+            cols = by_number[grp]
+            marks = ", ".join("?" * (len(cols) + 2))
+            db.executemany(
+                f"INSERT INTO temp.hb_staged (rid, seq, grp{''.join(', ' + c for c in cols)}) "
+                f"SELECT rowid, {marks} FROM requests WHERE custom_id = ?",
+                many,
+            )
+        return n
+
+    def _apply_staged(
+        self, groups: dict[tuple[str, ...], int], has_state: bool, keep_success: bool, from_batch: str | None
+    ) -> None:
+        """Apply temp.hb_staged to the requests in rowid order, under save_results' guards."""
+        db = self._db.conn
+        state = "s.state" if has_state else "NULL"
         guard = ""
-        args: list[Any] = [now]
         if keep_success:
             guard += f" AND (requests.state != ? OR {state} = ?)"
         if from_batch is not None:
@@ -352,33 +385,31 @@ class Store:
         guard_args = ([RequestState.SUCCEEDED] * 2 if keep_success else []) + (
             [from_batch, RequestState.SUCCEEDED] if from_batch is not None else []
         )
+        now = time.time()
 
         def apply(cols: tuple[str, ...], where: str, where_args: list[Any]) -> None:
             sets = "".join(f", {c} = s.{c}" for c in cols)
             db.execute(
                 f"UPDATE requests SET updated_at = ?{sets} FROM (SELECT * FROM temp.hb_staged WHERE {where} "
                 f"ORDER BY rid) AS s WHERE requests.rowid = s.rid{guard}",
-                [*args, *where_args, *guard_args],
+                [now, *where_args, *guard_args],
             )
 
+        by_number = {g: c for c, g in groups.items()}
         twice = [r[0] for r in db.execute("SELECT rid FROM temp.hb_staged GROUP BY rid HAVING count(*) > 1")]
-        if twice:
-            by_grp = {g: c for c, g in groups.items()}
-            for chunk in _chunks(twice, 500):
-                marks = ",".join("?" * len(chunk))
-                for seq, grp in db.execute(
-                    f"SELECT seq, grp FROM temp.hb_staged WHERE rid IN ({marks}) ORDER BY seq", chunk
-                ).fetchall():
-                    apply(by_grp[grp], "seq = ?", [seq])
-                db.execute(f"DELETE FROM temp.hb_staged WHERE rid IN ({marks})", chunk)
+        for chunk in _chunks(twice, 500):  # a custom_id seen twice: its lines one by one, in file order
+            marks = ",".join("?" * len(chunk))
+            for seq, grp in db.execute(
+                f"SELECT seq, grp FROM temp.hb_staged WHERE rid IN ({marks}) ORDER BY seq", chunk
+            ).fetchall():
+                apply(by_number[grp], "seq = ?", [seq])
+            db.execute(f"DELETE FROM temp.hb_staged WHERE rid IN ({marks})", chunk)
         for cols, grp in groups.items():
             apply(cols, "grp = ?", [grp])
-        db.execute("DROP TABLE temp.hb_staged")
-        return n
 
     def mark_unanswered(self, batch_id: str, state: str, message: str) -> int:
         """Requests of a batch still waiting on it after its results were read get `state`."""
-        cur = self.db.execute(
+        cur = self._db.execute(
             "UPDATE requests SET state = ?, error_code = ?, error_message = ?, updated_at = ? "
             "WHERE batch_id = ? AND state = ?",
             [state, state, message, time.time(), batch_id, RequestState.SUBMITTED],
@@ -392,7 +423,7 @@ class Store:
         if job:
             where = f"({where}) AND job = ?"
             args.append(job)
-        yield from self.table("requests").rows_where(where, args, select="custom_id, job, reply_text, finish")
+        yield from self._table("requests").rows_where(where, args, select="custom_id, job, reply_text, finish")
 
     DATASET_COLUMNS = ("job", "file_name", "english_prompt", "custom_id", "provider", "model", "via")
 
@@ -411,14 +442,14 @@ class Store:
         args: list[Any] = [RequestState.SUCCEEDED]
         if job:
             args.append(job)
-        yield from self.db.conn.execute(sql.format(job="AND f.job = ?" if job else ""), args)
+        yield from self._db.conn.execute(sql.format(job="AND f.job = ?" if job else ""), args)
 
     def request_counts(self, job: str | None = None) -> dict[str, int]:
         sql = "SELECT state, count(*) FROM requests {} GROUP BY state"
         if job:
-            rows = self.db.execute(sql.format("WHERE job = ?"), [job]).fetchall()
+            rows = self._db.execute(sql.format("WHERE job = ?"), [job]).fetchall()
         else:
-            rows = self.db.execute(sql.format("")).fetchall()
+            rows = self._db.execute(sql.format("")).fetchall()
         return dict(rows)
 
     def failure_reasons(self, job: str | None = None) -> dict[str, int]:
@@ -429,88 +460,80 @@ class Store:
         )
         args = [RequestState.SUCCEEDED, RequestState.PENDING, RequestState.SUBMITTED]
         if job:
-            return dict(self.db.execute(sql.format("AND job = ?"), [*args, job]).fetchall())
-        return dict(self.db.execute(sql.format(""), args).fetchall())
+            return dict(self._db.execute(sql.format("AND job = ?"), [*args, job]).fetchall())
+        return dict(self._db.execute(sql.format(""), args).fetchall())
 
     # ---- shards ---------------------------------------------------------------------------------
 
-    def shard(self, shard_id: int) -> dict[str, Any]:
+    def shard(self, shard_id: int) -> ShardRow:
         row = self._get("shards", shard_id)
         if row is None:
             raise KeyError(shard_id)
-        return row
+        return _shard_row(row)
 
-    def shards_in_states(self, states: Iterable[str]) -> list[dict[str, Any]]:
+    def shards_in_states(self, states: Iterable[str], job: str | None = None) -> list[ShardRow]:
         states = list(states)
-        return list(self.table("shards").rows_where(f"state IN ({','.join('?' * len(states))})", states, order_by="id"))
+        where = f"state IN ({','.join('?' * len(states))})" + (" AND job = ?" if job else "")
+        args = [*states, *([job] if job else [])]
+        return [_shard_row(r) for r in self._table("shards").rows_where(where, args, order_by="id")]
 
     def next_shard_number(self) -> int:
-        row = self.db.execute("SELECT coalesce(max(id), 0) + 1 FROM shards").fetchone()
+        row = self._db.execute("SELECT coalesce(max(id), 0) + 1 FROM shards").fetchone()
         return int(row[0])
 
     def update_shard(self, shard_id: int, **fields: Any) -> None:
         fields["updated_at"] = time.time()
-        self.table("shards").update(shard_id, fields)
+        self._table("shards").update(shard_id, fields)
 
-    def attach_batch(self, shard: dict[str, Any], info: BatchInfo, adopted: bool = False) -> None:
+    def attach_batch(self, shard: ShardRow, info: BatchInfo, adopted: bool = False) -> None:
         """Record the provider batch of a shard and mark its requests submitted, in one transaction."""
         now = time.time()
-        with self.db.atomic():
-            self.table("batches").upsert(
-                {
-                    "id": info.id,
-                    "shard_id": shard["id"],
-                    "job": shard["job"],
-                    "provider": shard["provider"],
-                    "model": shard["model"],
-                    "status": info.status,
-                    "is_final": int(info.is_final),
-                    "total": info.total,
-                    "done": info.done,
-                    "failed": info.failed,
-                    "counts_final_only": int(info.counts_final_only),
-                    "created_at": info.created_at or now,
-                    "expires_at": info.expires_at,
-                    "output_file_id": info.output_file_id,
-                    "error_file_id": info.error_file_id,
-                    "errors": json.dumps(info.errors) if info.errors else None,
-                    "adopted": int(adopted),
-                    "refreshed_at": now,
-                },
-                pk="id",
-            )
-            self.update_shard(shard["id"], state=ShardState.SUBMITTED, batch_id=info.id)
-            self.db.execute(
+        row = {
+            "id": info.id,
+            "shard_id": shard.id,
+            "job": shard.job,
+            "provider": shard.provider,
+            "model": shard.model,
+            **_batch_columns(info),
+            "counts_final_only": int(info.counts_final_only),
+            "created_at": info.created_at or now,
+            "adopted": int(adopted),
+        }
+        with self._db.atomic():
+            self._table("batches").upsert(row, pk="id")
+            self.update_shard(shard.id, state=ShardState.SUBMITTED, batch_id=info.id)
+            self._db.execute(
                 "UPDATE requests SET state = ?, batch_id = ?, attempts = attempts + 1, updated_at = ? "
                 "WHERE shard_id = ? AND state = ?",
-                [RequestState.SUBMITTED, info.id, now, shard["id"], RequestState.PENDING],
+                [RequestState.SUBMITTED, info.id, now, shard.id, RequestState.PENDING],
             )
 
     def requeue_shard(self, shard_id: int, batch_id: str) -> None:
         """A batch refused for quota goes back to the queue: its requests are pending again, uncounted."""
         now = time.time()
-        with self.db.atomic():
-            self.db.execute(
+        with self._db.atomic():
+            self._db.execute(
                 "UPDATE requests SET state = ?, batch_id = NULL, attempts = max(attempts - 1, 0), "
                 "updated_at = ? WHERE batch_id = ? AND state = ?",
                 [RequestState.PENDING, now, batch_id, RequestState.SUBMITTED],
             )
-            self.db.execute(
+            self._db.execute(
                 "UPDATE shards SET state = ?, batch_id = NULL, file_id = NULL, "
                 "requeues = requeues + 1, updated_at = ? WHERE id = ?",
                 [ShardState.QUEUED, now, shard_id],
             )
-            self.db.execute("UPDATE batches SET collected = 1 WHERE id = ?", [batch_id])
+            self._db.execute("UPDATE batches SET collected = 1 WHERE id = ?", [batch_id])
 
-    def shard_ids_with_pending(self, shard_id: int) -> int:
-        row = self.db.execute(
+    def pending_count(self, shard_id: int) -> int:
+        """How many of a shard's requests still wait to be sent."""
+        row = self._db.execute(
             "SELECT count(*) FROM requests WHERE shard_id = ? AND state = ?", [shard_id, RequestState.PENDING]
         ).fetchone()
         return int(row[0])
 
     def pending_in_shard(self, shard_id: int) -> set[str]:
         """custom_ids of a shard's requests that still wait to be sent."""
-        rows = self.db.execute(
+        rows = self._db.execute(
             "SELECT custom_id FROM requests WHERE shard_id = ? AND state = ?", [shard_id, RequestState.PENDING]
         )
         return {r[0] for r in rows}
@@ -522,13 +545,13 @@ class Store:
         where = f"state IN ({','.join('?' * len(states))})" + (" AND job = ?" if job else "")
         args: list[Any] = [*states, *([job] if job else [])]
         now = time.time()
-        with self.db.atomic():
-            ids = [r[0] for r in self.db.execute(f"SELECT id FROM shards WHERE {where}", args)]
+        with self._db.atomic():
+            ids = [r[0] for r in self._db.execute(f"SELECT id FROM shards WHERE {where}", args)]
             n = 0
             for chunk in _chunks(ids, 500):
                 marks = ",".join("?" * len(chunk))
                 n += int(
-                    self.db.execute(
+                    self._db.execute(
                         f"UPDATE requests SET state = ?, error_code = ?, error_message = ?, updated_at = ? "
                         f"WHERE state = ? AND shard_id IN ({marks})",
                         [
@@ -541,7 +564,7 @@ class Store:
                         ],
                     ).rowcount
                 )
-                self.db.execute(
+                self._db.execute(
                     f"UPDATE shards SET state = ?, updated_at = ? WHERE id IN ({marks})",
                     [ShardState.CANCELED, now, *chunk],
                 )
@@ -561,52 +584,42 @@ class Store:
                 f"AND (r.state IN ({','.join('?' * len(retryable))}) OR (r.state = ? AND s.state = ?)) "
                 "ORDER BY f.file_name"
             )
-            yield from self.db.query(sql, [job, *chunk, *retryable, RequestState.PENDING, ShardState.QUEUED])
+            yield from self._db.query(sql, [job, *chunk, *retryable, RequestState.PENDING, ShardState.QUEUED])
 
     # ---- batches --------------------------------------------------------------------------------
 
-    def batch(self, batch_id: str) -> dict[str, Any] | None:
-        return self._get("batches", batch_id)
+    def batch(self, batch_id: str) -> BatchRow | None:
+        row = self._get("batches", batch_id)
+        return None if row is None else _batch_row(row)
 
-    def batches(self, job: str | None = None, unfinished_only: bool = False) -> list[dict[str, Any]]:
+    def batches(self, job: str | None = None, unfinished_only: bool = False) -> list[BatchRow]:
         where, args = [], []
         if job:
             where.append("job = ?")
             args.append(job)
         if unfinished_only:
             where.append("is_final = 0")
-        return list(self.table("batches").rows_where(" AND ".join(where) or None, args, order_by="created_at, id"))
+        rows = self._table("batches").rows_where(" AND ".join(where) or None, args, order_by="created_at, id")
+        return [_batch_row(r) for r in rows]
 
-    def batches_to_collect(self) -> list[dict[str, Any]]:
-        return list(self.table("batches").rows_where("is_final = 1 AND collected = 0", order_by="created_at"))
+    def batches_to_collect(self) -> list[BatchRow]:
+        rows = self._table("batches").rows_where("is_final = 1 AND collected = 0", order_by="created_at")
+        return [_batch_row(r) for r in rows]
 
     def known_batch_ids(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT id FROM batches")}
+        return {r[0] for r in self._db.execute("SELECT id FROM batches")}
 
     def update_batch(self, info: BatchInfo) -> None:
-        self.table("batches").update(
-            info.id,
-            {
-                "status": info.status,
-                "is_final": int(info.is_final),
-                "total": info.total,
-                "done": info.done,
-                "failed": info.failed,
-                "expires_at": info.expires_at,
-                "output_file_id": info.output_file_id,
-                "error_file_id": info.error_file_id,
-                "errors": json.dumps(info.errors) if info.errors else None,
-                "finished_at": time.time() if info.is_final else None,
-                "refreshed_at": time.time(),
-            },
+        self._table("batches").update(
+            info.id, {**_batch_columns(info), "finished_at": time.time() if info.is_final else None}
         )
 
     def mark_collected(self, batch_id: str) -> None:
-        self.table("batches").update(batch_id, {"collected": 1})
+        self._table("batches").update(batch_id, {"collected": 1})
 
     def shard_size(self, shard_id: int) -> tuple[int, int]:
         """(requests, estimated input tokens) of one shard, (0, 0) if it is unknown."""
-        row = self.db.execute("SELECT n_requests, est_tokens FROM shards WHERE id = ?", [shard_id]).fetchone()
+        row = self._db.execute("SELECT n_requests, est_tokens FROM shards WHERE id = ?", [shard_id]).fetchone()
         return (int(row[0] or 0), int(row[1] or 0)) if row else (0, 0)
 
     def in_flight(self, provider: str, model: str | None = None) -> tuple[int, int]:
@@ -619,13 +632,274 @@ class Store:
         if model:
             sql += " AND b.model = ?"
             args.append(model)
-        n, tokens = self.db.execute(sql, args).fetchone()
+        n, tokens = self._db.execute(sql, args).fetchone()
         return int(n), int(tokens)
+
+    # ---- money: estimates, settling, the ledger ----------------------------------------------------
+
+    def calibration_sums(self, provider: str, model: str, includes_cache: bool) -> tuple[int, float, float]:
+        """(answered requests, their estimated input tokens, the input tokens the provider reported)."""
+        actual = "input_tokens" if includes_cache else "input_tokens + cache_read_tokens + cache_write_tokens"
+        n, est, act = self._db.execute(
+            f"SELECT count(*), sum(est_input_tokens), sum({actual}) FROM requests "
+            f"WHERE provider = ? AND model = ? AND answered_at IS NOT NULL AND est_input_tokens > 0 "
+            f"AND ({actual}) > 0",
+            [provider, model],
+        ).fetchone()
+        return int(n or 0), float(est or 0), float(act or 0)
+
+    def avg_output_tokens(self, provider: str, model: str) -> float | None:
+        """Average output tokens of this model's good answers, None before the first."""
+        row = self._db.execute(
+            "SELECT avg(output_tokens) FROM requests WHERE provider = ? AND model = ? AND state = ? "
+            "AND output_tokens > 0",
+            [provider, model, RequestState.SUCCEEDED],
+        ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    def queued_by_model(self) -> list[tuple[str, str, int, int, int]]:
+        """(provider, model, requests, estimated input tokens, max output tokens) waiting to be sent."""
+        rows = self._db.execute(
+            "SELECT provider, model, count(*), coalesce(sum(est_input_tokens), 0), coalesce(sum(max_tokens), 0) "
+            "FROM requests WHERE state = ? GROUP BY provider, model",
+            [RequestState.PENDING],
+        ).fetchall()
+        return [(p, m, int(n), int(t), int(o)) for p, m, n, t, o in rows]
+
+    def unsettled_groups(self) -> list[tuple[str, str, bool, bool, bool]]:
+        """(provider, model, live, needs an estimate, needs a cost) for requests whose money is not set yet."""
+        rows = self._db.execute(
+            f"SELECT provider, model, coalesce(via, 'batch') = 'live', est_cost_usd IS NULL, "
+            f"cost_usd IS NULL AND {_ANSWERED} FROM requests WHERE est_cost_usd IS NULL OR (cost_usd IS NULL AND "
+            f"{_ANSWERED}) GROUP BY 1, 2, 3, 4, 5",
+            [*_IN_FLIGHT, *_IN_FLIGHT],
+        ).fetchall()
+        return [(p, m, bool(live), bool(e), bool(c)) for p, m, live, e, c in rows]
+
+    def fill_estimated_costs(self, provider: str, model: str, ratio: float, rates: TokenRates) -> int:
+        """est_cost_usd (worst case: calibrated input at the worst input price, max_tokens of output) where NULL."""
+        cur = self._db.execute(
+            "UPDATE requests SET est_cost_usd = (est_input_tokens * ? * ? + max_tokens * ?) * ? / 1e6 "
+            "WHERE provider = ? AND model = ? AND est_cost_usd IS NULL",
+            [ratio, max(rates.input, rates.cache_write), rates.output, rates.factor, provider, model],
+        )
+        return max(cur.rowcount, 0)
+
+    def fill_costs(self, provider: str, model: str, live: bool, rates: TokenRates) -> int:
+        """cost_usd from the token columns of answered requests where it is NULL."""
+        cur = self._db.execute(
+            "UPDATE requests SET cost_usd = ((input_tokens - ? * cache_read_tokens) * ? "
+            "+ cache_read_tokens * ? + cache_write_tokens * ? + output_tokens * ?) * ? / 1e6 "
+            "WHERE provider = ? AND model = ? AND (coalesce(via, 'batch') = 'live') = ? "
+            f"AND cost_usd IS NULL AND {_ANSWERED}",
+            [
+                int(rates.input_includes_cache),
+                rates.input,
+                rates.cache_read,
+                rates.cache_write,
+                rates.output,
+                rates.factor,
+                provider,
+                model,
+                live,
+                *_IN_FLIGHT,
+            ],
+        )
+        return max(cur.rowcount, 0)
+
+    def ledger_sums(self, job: str | None = None) -> list[tuple[Any, ...]]:
+        """Per (job, provider, model): requests, input, output, cache read, cache write tokens, sum of cost_usd,
+        answered requests with a cost, answered requests, worst case of the requests still in flight."""
+        where, args = ("WHERE job = ?", [job]) if job else ("", [])
+        marks = ",".join("?" * len(_IN_FLIGHT))
+        sql = (
+            "SELECT job, provider, model, count(*), coalesce(sum(input_tokens), 0), "
+            "coalesce(sum(output_tokens), 0), coalesce(sum(cache_read_tokens), 0), "
+            f"coalesce(sum(cache_write_tokens), 0), sum(cost_usd), sum(cost_usd IS NOT NULL AND state NOT IN "
+            f"({marks})), sum(state NOT IN ({marks})), sum(CASE WHEN state IN ({marks}) THEN est_cost_usd END) "
+            f"FROM requests {where} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+        )
+        return self._db.execute(sql, [*_IN_FLIGHT, *_IN_FLIGHT, *_IN_FLIGHT, *args]).fetchall()
+
+    def superseded_sums(self, job: str | None = None) -> list[tuple[Any, ...]]:
+        """(job, provider, model, live, input, output, cache read, cache write, cost) of answers paid for and
+        then asked again, summed per job, model and mode."""
+        where, args = ("WHERE job = ?", [job]) if job else ("", [])
+        return self._db.execute(
+            "SELECT job, provider, model, coalesce(via, 'batch') = 'live', total(input_tokens), "
+            "total(output_tokens), total(cache_read_tokens), total(cache_write_tokens), total(cost_usd) "
+            f"FROM superseded {where} GROUP BY 1, 2, 3, 4",
+            args,
+        ).fetchall()
+
+    def unsettled_tokens(self, job: str, provider: str, model: str) -> Iterator[tuple[int, int, int, int, bool]]:
+        """(input, output, cache read, cache write, live) of answered requests whose cost is not set yet."""
+        for tin, tout, tcr, tcw, live in self._db.execute(
+            "SELECT input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, "
+            "coalesce(via, 'batch') = 'live' FROM requests WHERE job = ? AND provider = ? AND model = ? "
+            f"AND cost_usd IS NULL AND {_ANSWERED}",
+            [job, provider, model, *_IN_FLIGHT],
+        ):
+            yield int(tin or 0), int(tout or 0), int(tcr or 0), int(tcw or 0), bool(live)
+
+    def token_sums_by_model(self, job: str) -> list[tuple[str, str, bool, int, int, int, int]]:
+        """(provider, model, live, input, output, cache read, cache write) of every answer the job paid for,
+        superseded ones included."""
+        columns = "provider, model, via, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens"
+        rows = self._db.execute(
+            "SELECT provider, model, coalesce(via, 'batch') = 'live', sum(input_tokens), sum(output_tokens), "
+            f"sum(cache_read_tokens), sum(cache_write_tokens) FROM (SELECT {columns} FROM requests WHERE job = ? "
+            f"AND state NOT IN (?, ?) UNION ALL SELECT {columns} FROM superseded WHERE job = ?) GROUP BY 1, 2, 3",
+            [job, *_IN_FLIGHT, job],
+        ).fetchall()
+        return [(p, m, bool(lv), int(a or 0), int(b or 0), int(c or 0), int(d or 0)) for p, m, lv, a, b, c, d in rows]
+
+    # ---- status and report aggregates -------------------------------------------------------------
+
+    def job_state_sums(self, job: str | None = None) -> list[tuple[str, str, int, float, int, float, int]]:
+        """Per (job, state): requests, total cost, requests with a cost, total worst case, requests with one.
+        A GROUP BY over the covering index (job, state, cost_usd, est_cost_usd): no table reads."""
+        where, args = ("WHERE job = ?", [job]) if job else ("", [])
+        rows = self._db.execute(
+            "SELECT job, state, count(*), total(cost_usd), count(cost_usd), total(est_cost_usd), "
+            f"count(est_cost_usd) FROM requests {where} GROUP BY job, state",
+            args,
+        ).fetchall()
+        return [(j, s, int(n), float(c), int(nc), float(e), int(ne)) for j, s, n, c, nc, e, ne in rows]
+
+    def batch_failure_counts(self) -> list[tuple[str, str, str | None, int]]:
+        """(batch id, state, error code, requests) of the failed requests of every batch (index-only over
+        (state, batch_id, error_code))."""
+        marks = ",".join("?" * len(RETRYABLE))
+        return self._db.execute(
+            f"SELECT batch_id, state, error_code, count(*) FROM requests "
+            f"WHERE state IN ({marks}) AND batch_id IS NOT NULL GROUP BY 1, 2, 3",
+            list(RETRYABLE),
+        ).fetchall()
+
+    def failure_message(self, state: str, batch_id: str, code: str | None) -> str | None:
+        """One error message of a batch's requests in this state with this code."""
+        row = self._db.execute(
+            "SELECT error_message FROM requests WHERE state = ? AND batch_id = ? AND error_code IS ? LIMIT 1",
+            [state, batch_id, code],
+        ).fetchone()
+        return row[0] if row else None
+
+    def failure_examples(self, job: str) -> list[tuple[str, int, str | None]]:
+        """(reason, requests, one message) per failure reason of a job, most common first."""
+        rows = self._db.execute(
+            "SELECT state || CASE WHEN error_code IS NOT NULL AND error_code != state THEN ':' || error_code "
+            "ELSE '' END, count(*), max(error_message) FROM requests WHERE job = ? AND state NOT IN (?, ?, ?) "
+            "GROUP BY 1 ORDER BY 2 DESC",
+            [job, RequestState.SUCCEEDED, *_IN_FLIGHT],
+        ).fetchall()
+        return [(r, int(n), m) for r, n, m in rows]
+
+    def timeline_span(self, job: str) -> tuple[float, float | None, int] | None:
+        """(first request created, last request final, requests still in flight) of a job; None if it has none."""
+        row = self._db.execute(
+            f"SELECT min(r.created_at), max({_FINAL_AT}), sum(r.state IN (?, ?)) FROM requests r WHERE r.job = ?",
+            [*_IN_FLIGHT, *_IN_FLIGHT, job],
+        ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        return float(row[0]), None if row[1] is None else float(row[1]), int(row[2] or 0)
+
+    def timeline_histories(
+        self, job: str, start: float, span: float, buckets: int
+    ) -> Iterator[tuple[str, int | None, int | None, int | None, int]]:
+        """Requests grouped by equal histories: (state, slot created, slot sent or None, slot final or None, n),
+        slots being `buckets` equal slices of [start, start + span]: 100,000 requests are a few hundred rows."""
+        slot = f"CAST(min({buckets - 1}, max(0, ({{}} - ?) / ? * {buckets})) AS INTEGER)"
+        sql = (
+            f"SELECT r.state, {slot.format('r.created_at')}, "
+            f"CASE WHEN b.created_at IS NULL OR r.state = ? THEN NULL ELSE {slot.format('b.created_at')} END, "
+            f"CASE WHEN r.state IN (?, ?) THEN NULL ELSE {slot.format(_FINAL_AT)} END, count(*) "
+            "FROM requests r LEFT JOIN batches b ON b.id = r.batch_id WHERE r.job = ? GROUP BY 1, 2, 3, 4"
+        )
+        args = [start, span, RequestState.PENDING, start, span, *_IN_FLIGHT, *_IN_FLIGHT, start, span, job]
+        yield from self._db.execute(sql, args)
 
     # ---- helpers --------------------------------------------------------------------------------
 
     def _get(self, table: str, pk: Any) -> dict[str, Any] | None:
         try:
-            return dict(self.table(table).get(pk))
+            return dict(self._table(table).get(pk))
         except NotFoundError:
             return None
+
+
+# ---- typed rows: each built here, in one place --------------------------------------------------------------
+
+
+def _job_row(row: dict[str, Any]) -> JobRow:
+    return JobRow(
+        name=row["name"],
+        provider=row.get("provider"),
+        model=row.get("model"),
+        input_dir=row.get("input_dir"),
+        template_dir=row.get("template_dir"),
+        created_at=row.get("created_at"),
+        updated_at=row.get("updated_at"),
+    )
+
+
+def _shard_row(row: dict[str, Any]) -> ShardRow:
+    return ShardRow(
+        id=int(row["id"]),
+        key=row["key"],
+        job=row["job"],
+        provider=row["provider"],
+        model=row["model"],
+        endpoint=row["endpoint"],
+        path=row["path"],
+        n_requests=int(row["n_requests"] or 0),
+        n_bytes=int(row["n_bytes"] or 0),
+        est_tokens=int(row["est_tokens"] or 0),
+        state=row["state"],
+        file_id=row.get("file_id"),
+        batch_id=row.get("batch_id"),
+        intent_at=row.get("intent_at"),
+        requeues=int(row.get("requeues") or 0),
+        created_at=float(row.get("created_at") or 0.0),
+    )
+
+
+def _batch_row(row: dict[str, Any]) -> BatchRow:
+    return BatchRow(
+        id=row["id"],
+        shard_id=int(row["shard_id"]),
+        job=row["job"],
+        provider=row["provider"],
+        model=row["model"],
+        status=row["status"],
+        is_final=bool(row["is_final"]),
+        total=row["total"],
+        done=row["done"],
+        failed=row["failed"],
+        counts_final_only=bool(row["counts_final_only"]),
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        finished_at=row["finished_at"],
+        output_file_id=row["output_file_id"],
+        error_file_id=row["error_file_id"],
+        errors=json.loads(row["errors"]) if row["errors"] else [],
+        collected=bool(row["collected"]),
+        adopted=bool(row["adopted"]),
+    )
+
+
+def _batch_columns(info: BatchInfo) -> dict[str, Any]:
+    """The batches-table columns that a status check refreshes (the one place a BatchInfo is flattened)."""
+    return {
+        "status": info.status,
+        "is_final": int(info.is_final),
+        "total": info.total,
+        "done": info.done,
+        "failed": info.failed,
+        "expires_at": info.expires_at,
+        "output_file_id": info.output_file_id,
+        "error_file_id": info.error_file_id,
+        "errors": json.dumps(info.errors) if info.errors else None,
+        "refreshed_at": time.time(),
+    }

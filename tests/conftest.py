@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlite_utils import Database
 from typer.testing import CliRunner
 
 from hipbatch.cli import app
@@ -102,6 +104,13 @@ def cli(*args: str, code: int | None = 0) -> Any:
     if code is not None:
         assert result.exit_code == code, f"exit {result.exit_code}\nstdout:{result.stdout}\nstderr:{result.stderr}"
     return result
+
+
+def ledger_db(state: Any) -> Database:
+    """The ledger's SQLite file opened on its own (autocommit) connection, for tests that look inside it or
+    set it up; `state` is a Store or a state dir."""
+    state_dir = Path(getattr(state, "state_dir", state))
+    return Database(sqlite3.connect(state_dir / "hipbatch.db", isolation_level=None))
 
 
 def read_dataset(path: Path) -> list[dict[str, Any]]:

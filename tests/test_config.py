@@ -9,7 +9,7 @@ import pytest
 
 from hipbatch.config import load_config, resolve
 from hipbatch.emulator import LocalBatchServer
-from tests.conftest import cli
+from tests.conftest import cli, ledger_db
 
 TEMPLATE = {"model": "tpl-model", "max_tokens": 100, "temperature": 0.5}
 
@@ -85,9 +85,8 @@ def test_anthropic_requests_cache_the_system_prompt(
     point_at(server, "anthropic", monkeypatch)
     cli("submit", hip_dir, "--provider", "anthropic")
     cli("collect", "--wait", "--poll-interval", "0.05")
-    from hipbatch.store import Store
 
-    rows = list(Store(Path("state")).table("requests").rows)
+    rows = list(ledger_db(Path("state")).table("requests").rows)
     assert sum(r["cache_write_tokens"] for r in rows) > 0
     assert sum(1 for r in rows if r["cache_read_tokens"] > 0) == len(rows) - 1
     assert sum(r["cache_read_tokens"] for r in rows) == server.stats.cache_read_tokens

@@ -16,7 +16,7 @@ from hipbatch.cost import LEDGER_KEYS, load_prices, usd
 from hipbatch.emulator import LocalBatchServer
 from hipbatch.render import REPO_ROOT
 from hipbatch.store import Store
-from tests.conftest import cli, make_hip_dir, read_dataset
+from tests.conftest import cli, ledger_db, make_hip_dir, read_dataset
 
 MODEL = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}  # the default template's models
 
@@ -260,7 +260,7 @@ def test_recollect_and_status_do_not_change_the_ledger(openai_env: LocalBatchSer
         cli("status")
         cli("collect")
     store = Store(Path("state"))
-    store.db.execute("UPDATE batches SET collected = 0")  # as if killed before the batch was marked collected
+    ledger_db(store).execute("UPDATE batches SET collected = 0")  # as if killed before the batch was marked collected
     cli("collect")
     cli("collect", "--reextract")
     assert ledger_json() == first
@@ -270,9 +270,9 @@ def test_recollect_and_status_do_not_change_the_ledger(openai_env: LocalBatchSer
 def crash_before_attach(store: Store) -> None:
     """The store as a submit killed after the provider created the batch but before its id was saved."""
     with store.atomic():
-        store.db.execute("UPDATE shards SET state = 'creating', batch_id = NULL")
-        store.db.execute("UPDATE requests SET state = 'pending', batch_id = NULL, attempts = attempts - 1")
-        store.db.execute("DELETE FROM batches")
+        ledger_db(store).execute("UPDATE shards SET state = 'creating', batch_id = NULL")
+        ledger_db(store).execute("UPDATE requests SET state = 'pending', batch_id = NULL, attempts = attempts - 1")
+        ledger_db(store).execute("DELETE FROM batches")
 
 
 def test_adopted_batch_is_counted_once(provider: str, server: LocalBatchServer, tmp_path: Path) -> None:
@@ -281,17 +281,16 @@ def test_adopted_batch_is_counted_once(provider: str, server: LocalBatchServer, 
     crash_before_attach(Store(Path("state")))
     cli("collect", "--wait", "--poll-interval", "0.05")  # resumes the create: finds and adopts the batch
     store = Store(Path("state"))
-    assert [b["adopted"] for b in store.batches()] == [1]
+    assert [b.adopted for b in store.batches()] == [True]
     assert server.stats.batches_created == 1 and set(server.stats.answered.values()) == {1}
     first = ledger_json()
     assert {k: first["total"][k] for k in billed(server)} == billed(server)
     # The same batch attached again (a second adoption) and read again: nothing moves.
     batch = store.batches()[0]
-    shard = store.shard(batch["shard_id"])
-    from hipbatch.collect import _info_from_row
+    shard = store.shard(batch.shard_id)
 
-    store.attach_batch(shard, _info_from_row(batch), adopted=True)
-    store.db.execute("UPDATE batches SET collected = 0")
+    store.attach_batch(shard, batch.info(), adopted=True)
+    ledger_db(store).execute("UPDATE batches SET collected = 0")
     cli("collect")
     assert ledger_json() == first
     assert round(first["total"]["cost_usd"], 2) == round(expected_cost(provider, server), 2)

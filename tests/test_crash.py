@@ -20,11 +20,13 @@ import pytest
 from hipbatch.config import load_config
 from hipbatch.emulator import EmulatorConfig, LocalBatchServer
 from hipbatch.emulator.trap import TrapServer
+from hipbatch.prepare import Source, prepare
 from hipbatch.providers import Provider, ProviderSettings, get_provider
+from hipbatch.providers.registry import Adapters, provider_for_job
 from hipbatch.render import load_template
 from hipbatch.store import Store
-from hipbatch.submit import Adapters, feed, prepare, provider_for_job
-from tests.conftest import cli, make_hip_dir, point_at, read_dataset
+from hipbatch.submit import feed
+from tests.conftest import cli, ledger_db, make_hip_dir, point_at, read_dataset
 
 WAIT = ("collect", "--wait", "--poll-interval", "0.02", "--json")
 STATE = Path("state")
@@ -82,14 +84,14 @@ def prepare_only(root: Path, provider: str, per_batch: int) -> None:
     template = load_template(Path("templates/default"))
     adapter, model, params = provider_for_job(load_config(None), template, provider, None)
     store = Store(STATE)
-    prepare(store, template, adapter, model, params, root, "kernels", max_requests_per_batch=per_batch)
+    prepare(store, template, adapter, model, params, Source(root, "kernels"), max_requests_per_batch=per_batch)
     store.close()
 
 
 def ledger() -> dict[str, dict[str, Any]]:
     store = Store(STATE)
     try:
-        return {r["custom_id"]: r for r in store.table("requests").rows}
+        return {r["custom_id"]: r for r in ledger_db(store).table("requests").rows}
     finally:
         store.close()
 
@@ -144,7 +146,7 @@ def test_status_and_collect_finish_an_interrupted_submit(
     cli(command)  # adopts the batch by its metadata instead of creating another
     assert openai_env.stats.batches_created == 1
     store = Store(STATE)
-    assert [b["adopted"] for b in store.batches()] == [1]
+    assert [b.adopted for b in store.batches()] == [True]
     store.close()
     cli(*WAIT)
     assert_nothing_lost_nothing_twice(openai_env, 6)
@@ -154,7 +156,8 @@ def test_status_and_collect_finish_an_interrupted_submit(
 def test_collect_crash_then_collect_again(
     provider: str, server: LocalBatchServer, tmp_path: Path, point: str, nth: int
 ) -> None:
-    from hipbatch.collect import collect_batches, refresh
+    from hipbatch.collect import collect_batches
+    from hipbatch.status import refresh
 
     root = make_hip_dir(tmp_path / "kernels", 9)
     cli("submit", root, "--provider", provider, "--max-requests-per-batch", "3")
@@ -213,7 +216,7 @@ def test_anthropic_single_orphan_is_adopted(
     store.close()
     # ... but say it did: the batch exists at the provider and its id was never saved.
     sdk = anthropic.Anthropic(api_key="test-key", base_url=server.anthropic_base_url)
-    orphan = sdk.messages.batches.create(requests=anthropic_requests(Path(shard["path"]))).id  # type: ignore[arg-type]
+    orphan = sdk.messages.batches.create(requests=anthropic_requests(Path(shard.path))).id  # type: ignore[arg-type]
     out = cli("submit", root, "--provider", "anthropic")
     assert f"Adopted 1 batch(es) created by an interrupted run: {orphan}" in out.stderr
     assert server.stats.batches_created == 1
@@ -235,7 +238,7 @@ def test_anthropic_ambiguous_orphans_refused_without_force(
     shard = store.shards_in_states(["creating"])[0]
     store.close()
     sdk = anthropic.Anthropic(api_key="test-key", base_url=server.anthropic_base_url)
-    lines = anthropic_requests(Path(shard["path"]))
+    lines = anthropic_requests(Path(shard.path))
     twins = {sdk.messages.batches.create(requests=lines).id for _ in range(2)}  # type: ignore[arg-type]
 
     out = cli("submit", root, "--provider", "anthropic", code=1)
@@ -245,7 +248,7 @@ def test_anthropic_ambiguous_orphans_refused_without_force(
     warned = cli("collect")  # collect warns and goes on; it does not create either
     assert "cannot be told apart" in warned.stderr and server.stats.batches_created == 2
     store = Store(STATE)
-    assert store.shard(shard["id"])["state"] == "ambiguous"
+    assert store.shard(shard.id).state == "ambiguous"
     store.close()
 
     cli("submit", root, "--provider", "anthropic", "--force")
@@ -265,7 +268,7 @@ def test_openai_orphan_adopted_by_metadata_even_among_others(openai_env: LocalBa
     shard = store.shards_in_states(["creating"])[0]
     store.close()
     sdk = openai.OpenAI(api_key="test-key", base_url=openai_env.openai_base_url)
-    file_id = sdk.files.create(file=Path(shard["path"]), purpose="batch").id
+    file_id = sdk.files.create(file=Path(shard.path), purpose="batch").id
     chat = "/v1/chat/completions"
     other = sdk.batches.create(
         input_file_id=file_id, endpoint=chat, completion_window="24h", metadata={"hipbatch_shard": "someone-else"}
@@ -274,11 +277,11 @@ def test_openai_orphan_adopted_by_metadata_even_among_others(openai_env: LocalBa
         input_file_id=file_id,
         endpoint=chat,
         completion_window="24h",
-        metadata={"hipbatch_shard": shard["key"], "hipbatch_job": "kernels"},
+        metadata={"hipbatch_shard": shard.key, "hipbatch_job": "kernels"},
     )
     cli("status")
     store = Store(STATE)
-    assert {b["id"] for b in store.batches()} == {ours.id}  # the other tool's batch is left alone
+    assert {b.id for b in store.batches()} == {ours.id}  # the other tool's batch is left alone
     store.close()
     cli("submit", root)  # the second shard
     assert openai_env.stats.batches_created == 3
@@ -286,7 +289,7 @@ def test_openai_orphan_adopted_by_metadata_even_among_others(openai_env: LocalBa
     assert other.id not in {b["batch_id"] for b in json.loads(cli("status", "--json").stdout)}
     for cid, row in ledger().items():
         assert row["state"] == "succeeded" and row["attempts"] == 1 and openai_env.stats.answered[cid] == 1
-        assert openai_env.stats.sent[cid] == (2 if row["shard_id"] == shard["id"] else 1)  # + other tool
+        assert openai_env.stats.sent[cid] == (2 if row["shard_id"] == shard.id else 1)  # + other tool
 
 
 # ---- SIGKILL at random moments, in real processes -------------------------------------------------
@@ -367,7 +370,7 @@ def test_sigkill_at_random_moments(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert sum(server.stats.answered.values()) == files  # every request answered (billed) exactly once
     store = Store(STATE)
     assert not store.shards_in_states(["queued", "uploading", "uploaded", "creating", "ambiguous"])
-    assert all(b["collected"] for b in store.batches())
+    assert all(b.collected for b in store.batches())
     store.close()
     assert not list(Path("data").glob(".*.part"))  # partial files of killed runs are cleaned up
 

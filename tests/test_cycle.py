@@ -11,7 +11,7 @@ from hipbatch.emulator import LocalBatchServer
 from hipbatch.emulator.fake_model import expected_prompt
 from hipbatch.render import load_template
 from hipbatch.store import Store
-from tests.conftest import cli, make_hip_dir, read_dataset
+from tests.conftest import cli, ledger_db, make_hip_dir, read_dataset
 
 
 def user_text(path: Path, root: Path) -> str:
@@ -92,7 +92,7 @@ def test_partial_failures_are_recorded_and_left_out(openai_env: LocalBatchServer
     assert summary["succeeded"] + failed == 40
     assert summary["records"] == summary["succeeded"]
     store = Store(Path("state"))
-    rows = list(store.table("requests").rows_where("state = 'failed'"))
+    rows = list(ledger_db(store).table("requests").rows_where("state = 'failed'"))
     assert len(rows) == failed and all(r["error_message"] for r in rows)
 
 

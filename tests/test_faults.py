@@ -12,10 +12,10 @@ import pytest
 from hipbatch.emulator import LocalBatchServer
 from hipbatch.emulator.config import FAULT_KINDS
 from hipbatch.errors import ProviderError, TransientError
-from hipbatch.poll import MAX_RETRY_AFTER, retrying
+from hipbatch.poll import MAX_RETRY_AFTER, Policy, retrying
 from hipbatch.providers import ProviderSettings, get_provider
 from hipbatch.store import Store
-from tests.conftest import cli, make_hip_dir, read_dataset
+from tests.conftest import cli, ledger_db, make_hip_dir, read_dataset
 
 WAIT = ("collect", "--wait", "--poll-interval", "0.02", "--json")
 CREATE = {"openai": "openai.batches.create", "anthropic": "anthropic.batches.create"}
@@ -26,7 +26,7 @@ DOWNLOAD = {"openai": "openai.files.content", "anthropic": "anthropic.batches.re
 def all_ids() -> set[str]:
     store = Store(Path("state"))
     try:
-        return {r["custom_id"] for r in store.table("requests").rows}
+        return {r["custom_id"] for r in ledger_db(store).table("requests").rows}
     finally:
         store.close()
 
@@ -98,12 +98,12 @@ def test_retry_after_is_honoured_and_capped(
     server.config.retry_after_ms = 2500
     slept: list[float] = []
     with pytest.raises(TransientError, match="429"):
-        retrying(provider.status, "batch_whatever", sleep=slept.append, attempts=3)
+        retrying(provider.status, "batch_whatever", sleep=slept.append, rule=Policy(attempts=3))
     assert slept == [2.5, 2.5]
     server.config.retry_after_ms = 3_600_000  # an hour: waited only up to the cap
     slept.clear()
     with pytest.raises(TransientError):
-        retrying(provider.status, "batch_whatever", sleep=slept.append, attempts=3)
+        retrying(provider.status, "batch_whatever", sleep=slept.append, rule=Policy(attempts=3))
     assert slept == [MAX_RETRY_AFTER, MAX_RETRY_AFTER]
     assert server.stats.faults["429"] == 6
 
@@ -172,7 +172,7 @@ def test_download_that_stays_corrupt_leaves_the_batch_uncollected(openai_env: Lo
     summary = json.loads(result.stdout)
     assert summary["pending"] == 6 and summary["failed"] == 0  # not marked missing or failed
     store = Store(Path("state"))
-    assert [b["collected"] for b in store.batches()] == [0]
+    assert [b.collected for b in store.batches()] == [False]
     store.close()
     openai_env.config.fault_rate = 0.0
     assert json.loads(cli("collect", "--json").stdout)["succeeded"] == 6

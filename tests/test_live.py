@@ -66,7 +66,7 @@ def test_live_then_batch_sends_each_request_once(provider: str, server: LocalBat
         user = template.render(path.read_text(encoding="utf-8"), r["file_name"])[1]
         assert r["english_prompt"] == expected_prompt(user)
     shards = store().shards_in_states([ShardState.ANSWERED])
-    assert len(shards) == 1 and shards[0]["n_requests"] == 2  # the live run's shard is never sent
+    assert len(shards) == 1 and shards[0].n_requests == 2  # the live run's shard is never sent
 
 
 def test_queued_shard_partly_answered_live_sends_only_the_rest(openai_env: LocalBatchServer, hip_dir: Path) -> None:
@@ -76,10 +76,10 @@ def test_queued_shard_partly_answered_live_sends_only_the_rest(openai_env: Local
     (queued,) = store().shards_in_states([ShardState.QUEUED])
     report = run_json(hip_dir, "--limit", "4")  # files 1-3 are in the batch; file 4 is in the queued shard
     assert report["to_answer"] == 1 and report["succeeded"] == 1
-    assert store().shard(queued["id"])["state"] == ShardState.ANSWERED
-    assert len(Path(queued["path"]).read_text().splitlines()) == 3  # kept whole: retry copies lines from it
+    assert store().shard(queued.id).state == ShardState.ANSWERED
+    assert len(Path(queued.path).read_text().splitlines()) == 3  # kept whole: retry copies lines from it
     (rest,) = store().shards_in_states([ShardState.QUEUED])
-    assert rest["n_requests"] == 2 and len(Path(rest["path"]).read_text().splitlines()) == 2
+    assert rest.n_requests == 2 and len(Path(rest.path).read_text().splitlines()) == 2
     cli("collect", "--wait", "--poll-interval", "0.05")
     sent = openai_env.stats.sent
     assert sum(sent.values()) == 5 and set(sent.values()) == {1}
@@ -92,7 +92,7 @@ def test_feed_skips_requests_answered_after_packing(openai_env: LocalBatchServer
     """A run killed after recording answers but before tidying the shards: feed still never sends them."""
     cli("submit", hip_dir, "--max-requests-per-batch", "3", "--max-in-flight-batches", "1")
     (queued,) = store().shards_in_states([ShardState.QUEUED])
-    answered = sorted(store().pending_in_shard(queued["id"]))[:2]
+    answered = sorted(store().pending_in_shard(queued.id))[:2]
     store().save_results(
         [{"custom_id": cid, "state": RequestState.SUCCEEDED, "via": "live", "prompt": "p" * 20} for cid in answered]
     )

@@ -12,13 +12,12 @@ from typing import Any
 import pytest
 
 from hipbatch.config import Config
-from hipbatch.drain import Windows, stalled
 from hipbatch.emulator import LocalBatchServer
 from hipbatch.emulator.fake_model import prompt_tokens
+from hipbatch.queue import Window, Windows, stalled
 from hipbatch.render import load_template
 from hipbatch.store import Store
-from hipbatch.submit import Window
-from tests.conftest import cli, make_hip_dir, read_dataset
+from tests.conftest import cli, ledger_db, make_hip_dir, read_dataset
 
 
 def emulator_tokens(root: Path, name: str) -> int:
@@ -29,7 +28,7 @@ def emulator_tokens(root: Path, name: str) -> int:
 
 
 def shard_states(store: Store) -> list[str]:
-    return [s["state"] for s in store.table("shards").rows_where(order_by="id")]
+    return [s["state"] for s in ledger_db(store).table("shards").rows_where(order_by="id")]
 
 
 def test_max_in_flight_batches_leaves_the_rest_queued(openai_env: LocalBatchServer, tmp_path: Path) -> None:
@@ -115,26 +114,26 @@ def test_token_limit_refusal_is_requeued_and_later_completes(openai_env: LocalBa
     summary = json.loads(cli("collect", "--wait", "--poll-interval", "0.02", "--json").stdout)
     assert summary["succeeded"] == 15 and summary["records"] == 15 and summary["failed"] == 0
     store = Store(Path("state"))
-    requeues = [int(s["requeues"] or 0) for s in store.table("shards").rows_where(order_by="id")]
+    requeues = [int(s["requeues"] or 0) for s in ledger_db(store).table("shards").rows_where(order_by="id")]
     assert requeues[0] == 0 and requeues[1] >= 1 and requeues[2] >= 1
-    refused = [b for b in store.batches() if b["status"] == "failed"]
-    assert len(refused) >= 2 and all("token_limit_exceeded" in b["errors"] for b in refused)
+    refused = [b for b in store.batches() if b.status == "failed"]
+    assert len(refused) >= 2 and all(any(e.get("code") == "token_limit_exceeded" for e in b.errors) for b in refused)
     # A refusal is not an attempt: every request went through once, and the server ran each once.
-    assert {r["attempts"] for r in store.table("requests").rows} == {1}
+    assert {r["attempts"] for r in ledger_db(store).table("requests").rows} == {1}
     assert len(openai_env.stats.sent) == 15 and set(openai_env.stats.sent.values()) == {1}
     assert len(read_dataset(Path("data/generated_prompts.json"))) == 15
 
 
 def test_collect_wait_keeps_one_window_across_polls(openai_env: LocalBatchServer, tmp_path: Path) -> None:
-    from hipbatch.cli import Settings, do_collect
+    from hipbatch import ops
+    from hipbatch.views import Out
 
     root = make_hip_dir(tmp_path / "k", 20)
     openai_env.config.enqueued_token_limit = int(emulator_tokens(root, "k0001.hip") * 5 * 1.5)
     cli("submit", root, "--max-requests-per-batch", "5")
     windows = Windows(Config())
-    summary = do_collect(
-        Settings(Path("state"), None), Path("out.json"), "json", None, True, 0.02, 60, False, True, windows
-    )
+    opts = ops.CollectOptions(Path("out.json"), wait=True, poll_interval=0.02, timeout=60)
+    summary = ops.collect(ops.Context(Path("state")), opts, Out(quiet=True), windows)
     assert summary["succeeded"] == 20
     # The refusal shrank the window, and the same object was used (and grown) by the later polls.
     assert "gpt-4o-mini" in windows["openai"].shrunk
@@ -158,14 +157,14 @@ def test_drain_runs_many_small_shards_through_a_small_quota(
     store = Store(Path("state"))
     assert shard_states(store).count("queued") == 0
     assert store.batches(unfinished_only=True) == []
-    assert {r["attempts"] for r in store.table("requests").rows} == {1}
+    assert {r["attempts"] for r in ledger_db(store).table("requests").rows} == {1}
     assert len(openai_env.stats.sent) == n and set(openai_env.stats.sent.values()) == {1}
     records = read_dataset(Path("data/generated_prompts.json"))
     assert sorted(r["file_name"] for r in records) == sorted(
         p.relative_to(root).as_posix() for p in root.rglob("*.hip")
     )
     if window:  # with the window set below the quota, the provider never had to refuse anything
-        assert all(b["status"] != "failed" for b in store.batches())
+        assert all(b.status != "failed" for b in store.batches())
 
 
 def test_status_watch_feeds_the_queue(openai_env: LocalBatchServer, tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from hipbatch.emulator import LocalBatchServer
 from hipbatch.emulator.fake_model import prompt_tokens
 from hipbatch.emulator.openai_api import split_chat_messages
 from hipbatch.store import Store
-from tests.conftest import cli, make_hip_dir, read_dataset
+from tests.conftest import cli, ledger_db, make_hip_dir, read_dataset
 
 WAIT = ("collect", "--wait", "--poll-interval", "0.02", "--json")
 
@@ -22,7 +22,7 @@ WAIT = ("collect", "--wait", "--poll-interval", "0.02", "--json")
 def requests_by_state(state_dir: Path = Path("state")) -> dict[str, dict[str, Any]]:
     store = Store(state_dir)
     try:
-        return {r["custom_id"]: r for r in store.table("requests").rows}
+        return {r["custom_id"]: r for r in ledger_db(store).table("requests").rows}
     finally:
         store.close()
 
@@ -149,7 +149,7 @@ def test_retry_resends_the_original_lines(openai_env: LocalBatchServer, hip_dir:
     openai_env.config.request_error_rate = 0.0
     cli("retry")
     store = Store(Path("state"))
-    retry_shards = [s for s in store.table("shards").rows if "-retry-" in s["key"]]
+    retry_shards = [s for s in ledger_db(store).table("shards").rows if "-retry-" in s["key"]]
     assert len(retry_shards) == 1 and retry_shards[0]["n_requests"] == 6
     lines = Path(retry_shards[0]["path"]).read_text().splitlines()
     assert sorted(lines) == sorted(original.values())  # byte for byte the request sent the first time

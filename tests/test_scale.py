@@ -12,17 +12,19 @@ from typing import Any
 
 import pytest
 
-from hipbatch.collect import collect_batches, record_json, write_dataset
+from hipbatch.collect import collect_batches
 from hipbatch.config import load_config
+from hipbatch.dataset import record_json, write_dataset
 from hipbatch.emulator import fake_model
 from hipbatch.emulator.openai_api import _result_line, chat_completion_body
 from hipbatch.pack import LineEncoder
+from hipbatch.prepare import Source, prepare
 from hipbatch.providers import ProviderSettings, get_provider
+from hipbatch.providers.registry import Adapters
 from hipbatch.records import BatchInfo
 from hipbatch.render import discover, iter_discover, load_template, request_id
 from hipbatch.store import Store
-from hipbatch.submit import Adapters, prepare
-from tests.conftest import make_hip_dir
+from tests.conftest import ledger_db, make_hip_dir
 
 TEXTS = [
     ("sys", "user"),
@@ -96,7 +98,8 @@ def test_discovery_is_lazy_and_globally_sorted(tmp_path: Path) -> None:
 def _prepare(store: Store, root: Path, **kwargs: Any) -> Any:
     template = load_template(Path("templates/default"))
     adapter = get_provider(ProviderSettings(name="openai", key_env="UNUSED"))
-    return prepare(store, template, adapter, "gpt-4o-mini", {"max_tokens": 64}, root, "job", **kwargs)
+    source = Source(root, "job", limit=kwargs.pop("limit", None))
+    return prepare(store, template, adapter, "gpt-4o-mini", {"max_tokens": 64}, source, **kwargs)
 
 
 def test_resubmit_looks_up_known_ids_in_bulk(tmp_path: Path) -> None:
@@ -105,9 +108,9 @@ def test_resubmit_looks_up_known_ids_in_bulk(tmp_path: Path) -> None:
     first = _prepare(store, root)
     assert (first.new, first.known) == (1200, 0)
     statements: list[str] = []
-    store.db.conn.set_trace_callback(statements.append)
+    store._db.conn.set_trace_callback(statements.append)
     again = _prepare(store, root)
-    store.db.conn.set_trace_callback(None)
+    store._db.conn.set_trace_callback(None)
     assert (again.new, again.known, again.shards) == (0, 1200, [])
     lookups = [s for s in statements if "FROM requests WHERE custom_id IN" in s]
     assert 1 <= len(lookups) <= 3  # one query per chunk of files, never one per request
@@ -122,9 +125,9 @@ def test_rows_of_vanished_files_are_swept_only_on_a_full_scan(tmp_path: Path) ->
     _prepare(store, root)
     (root / "k0002.hip").unlink()
     _prepare(store, root, limit=5)
-    assert store.table("files").count == 10  # a partial run proves nothing about the other files
+    assert ledger_db(store).table("files").count == 10  # a partial run proves nothing about the other files
     _prepare(store, root)
-    names = {r["file_name"] for r in store.table("files").rows}
+    names = {r["file_name"] for r in ledger_db(store).table("files").rows}
     assert len(names) == 9 and "k0002.hip" not in names
 
 

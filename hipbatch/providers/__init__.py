@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 from hipbatch.errors import UsageError
-from hipbatch.providers.base import Provider, ProviderSettings
+from hipbatch.providers.base import BatchProvider, LiveProvider, Provider, ProviderSettings
 
 #: provider name -> (module, default key variable). A third provider is one module and one line here.
 PROVIDERS: dict[str, tuple[str, str]] = {
@@ -20,11 +21,11 @@ def check_name(name: str) -> str:
     return name
 
 
-def get_provider(settings: ProviderSettings) -> Provider:
-    """The adapter for settings.name; the SDK client is built lazily on first call."""
+def get_provider(settings: ProviderSettings, client: Any = None) -> Provider:
+    """The adapter for settings.name; its SDK client is `client`, else built lazily on first call."""
     module = importlib.import_module(PROVIDERS[check_name(settings.name)][0])
-    adapter: Provider = module.Adapter(settings)
+    adapter: Provider = module.Adapter(settings, client)
     return adapter
 
 
-__all__ = ["PROVIDERS", "Provider", "ProviderSettings", "check_name", "get_provider"]
+__all__ = ["PROVIDERS", "BatchProvider", "LiveProvider", "Provider", "ProviderSettings", "check_name", "get_provider"]

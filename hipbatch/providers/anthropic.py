@@ -119,7 +119,8 @@ class Adapter(AdapterBase):
             return _parse_message(custom_id, result.get("message") or {})
         if kind == "errored":
             outer = result.get("error") or {}
-            inner = outer.get("error") if isinstance(outer.get("error"), dict) else outer
+            nested = outer.get("error")
+            inner: dict[str, Any] = nested if isinstance(nested, dict) else outer
             return Result(
                 custom_id,
                 Outcome.ERRORED,

@@ -34,22 +34,27 @@ class ProviderSettings:
         return key
 
 
-class Provider(Protocol):
-    """One batch API. Adapters translate between hipbatch records and the provider; they never touch the Store."""
+class LineMaker(Protocol):
+    """Turns a rendered request into one line of the provider's request format."""
 
     name: str
     endpoint: str  # recorded per request, part of its identity
-    max_requests: int  # per batch
-    max_bytes: int  # per batch input (file or request body)
-    has_metadata: bool  # can a batch carry our shard tag (so an orphan can be adopted exactly)?
-
-    def check_key(self) -> None: ...  # raise MissingKey before anything is sent
-
-    def check_model(self, model: str) -> None: ...  # raise UsageError if the provider does not know it
 
     def to_line(
         self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str
     ) -> dict[str, Any]: ...  # one JSONL line in the provider's batch input format
+
+    def check_key(self) -> None: ...  # raise MissingKey before anything is sent
+
+
+class BatchProvider(LineMaker, Protocol):
+    """One batch API. Adapters translate between hipbatch records and the provider; they never touch the Store."""
+
+    max_requests: int  # per batch
+    max_bytes: int  # per batch input (file or request body)
+    has_metadata: bool  # can a batch carry our shard tag (so an orphan can be adopted exactly)?
+
+    def check_model(self, model: str) -> None: ...  # raise UsageError if the provider does not know it
 
     def upload(self, path: Path) -> str | None: ...  # input file id (None: nothing to upload)
 
@@ -69,16 +74,26 @@ class Provider(Protocol):
 
     def cancel(self, batch_id: str) -> BatchInfo: ...
 
-    def live(self, line: dict[str, Any]) -> Result: ...  # send one request line now (live mode)
+
+class LiveProvider(LineMaker, Protocol):
+    """The same provider answering one request line now (live mode)."""
+
+    def live(self, line: dict[str, Any]) -> Result: ...
+
+
+class Provider(BatchProvider, LiveProvider, Protocol):
+    """An adapter for both modes (every adapter is)."""
 
 
 class AdapterBase:
     """What every adapter shares: its settings, the key check and the model check."""
 
-    client: Any  # the SDK client, built on first use by the adapter
+    client: Any  # the SDK client: injected, or built on first use by the adapter (a cached_property)
 
-    def __init__(self, settings: ProviderSettings) -> None:
+    def __init__(self, settings: ProviderSettings, client: Any = None) -> None:
         self.settings = settings
+        if client is not None:
+            self.__dict__["client"] = client  # takes the place of the adapter's cached_property
 
     @staticmethod
     def translate(what: str) -> AbstractContextManager[None]:

@@ -1,0 +1,250 @@
+"""Prepare: render every file of a folder into requests, and pack the ones the store does not know into shards
+recorded in the ledger (or, for a dry run, into preview shards recorded nowhere). Nothing is sent here.
+
+Streams end to end: one folder listing, one file and one chunk of requests are in memory at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hipbatch.errors import UsageError
+from hipbatch.pack import LineEncoder, Shard, ShardWriter, safe_name, shard_prefix
+from hipbatch.progress import NullProgress, Progress, Task
+from hipbatch.providers import Provider
+from hipbatch.store import Store
+
+if TYPE_CHECKING:  # jinja2 loads only for commands that render (status and collect do not)
+    from hipbatch.render import Template
+
+RENDER_CHUNK = 500  # files rendered between two store look-ups (their lines are held meanwhile)
+
+#: One rendered file: (file name, custom_id, JSONL line, estimated input tokens).
+Rendered = tuple[str, str, bytes, int]
+
+
+@dataclass
+class PrepareReport:
+    """What rendering and packing found."""
+
+    job: str
+    provider: str
+    model: str
+    files: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    requests: int = 0  # distinct requests rendered
+    known: int = 0  # already in the store (sent before, or queued)
+    new: int = 0  # written to new shards now
+    shards: list[str] = field(default_factory=list)
+    est_input_tokens: int = 0  # of the new requests
+    est_input_tokens_all: int = 0  # of every rendered request
+    max_tokens: int = 0
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Source:
+    """Which files of which folder a run takes, and how they are read."""
+
+    input_dir: Path
+    job: str
+    pattern: str = "**/*.hip"
+    limit: int | None = None
+    follow_symlinks: bool = False
+    max_file_bytes: int | None = None  # None: the reader's default cap
+
+    def names(self) -> Iterator[str]:
+        """The matching file names, sorted, at most `limit`; a bad INPUT_DIR or no match is a UsageError."""
+        from hipbatch.render import iter_discover
+
+        found = iter_discover(self.input_dir, self.pattern)
+        first = next(found, None)
+        if first is None:
+            raise UsageError(f"INPUT_DIR {self.input_dir}: no files match --glob {self.pattern!r}")
+        return itertools.islice(itertools.chain([first], found), self.limit)
+
+    def count(self) -> int:
+        """How many files names() gives (a second listing: cheap next to reading the files)."""
+        from hipbatch.render import iter_discover
+
+        return sum(1 for _ in itertools.islice(iter_discover(self.input_dir, self.pattern), self.limit))
+
+    def read(self, name: str) -> str:
+        """One file's text, or SkipFile with the reason."""
+        from hipbatch.render import read_source
+
+        return read_source(os.path.join(self.input_dir, name))
+
+
+def prepare(
+    store: Store,
+    template: Template,
+    provider: Provider,
+    model: str,
+    params: dict[str, Any],
+    source: Source,
+    max_requests_per_batch: int | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> PrepareReport:
+    """Render every file, record it, and write the requests the store does not know into shards."""
+    progress = progress or NullProgress()
+    names = source.names()
+    total = source.count() if getattr(progress, "active", False) else None
+    report = PrepareReport(
+        job=source.job,
+        provider=provider.name,
+        model=model,
+        dry_run=dry_run,
+        max_tokens=int(params.get("max_tokens") or 0),
+    )
+    if not dry_run:
+        store.upsert_job(
+            source.job,
+            provider=provider.name,
+            model=model,
+            input_dir=str(source.input_dir.resolve()),
+            template_dir=str(template.path.resolve()),
+        )
+    packer = _Packer(store, provider, model, source.job, params, max_requests_per_batch, report)
+    with progress.task(f"render {source.job}", total) as bar:
+        file_rows = _render_all(template, LineEncoder(provider, model, params), source, names, packer, bar)
+    packer.writer.close()
+    packer.record_files(file_rows)
+    if not dry_run and source.limit is None:
+        # Every file seen has its row, so more rows than files means some files are gone: only then list the
+        # folder again (sorted, streamed) to find them.
+        from hipbatch.render import iter_discover
+
+        if store.file_count(source.job) > report.files:
+            store.forget_files_not_in(source.job, iter_discover(source.input_dir, source.pattern))
+    return report
+
+
+def _render_all(
+    template: Template,
+    encoder: LineEncoder,
+    source: Source,
+    names: Iterator[str],
+    packer: _Packer,
+    bar: Task,
+) -> list[dict[str, Any]]:
+    """Read and render each file, handing chunks of RENDER_CHUNK requests to the packer; returns the file rows
+    not recorded yet (recorded after the last shard)."""
+    from hipbatch.render import SkipFile, estimate_tokens
+
+    report, job = packer.report, source.job
+    file_rows: list[dict[str, Any]] = []
+    chunk: list[Rendered] = []
+    for name in names:
+        report.files += 1
+        try:
+            code = source.read(name)
+        except SkipFile as e:
+            report.skipped.append((name, str(e)))
+            file_rows.append({"job": job, "file_name": name, "custom_id": None, "skip_reason": str(e)})
+            bar.advance()
+            continue
+        system, user = template.render(code, name)
+        cid, line = encoder.encode(system, user)
+        chunk.append((name, cid, line, estimate_tokens(system) + estimate_tokens(user)))
+        if len(chunk) >= RENDER_CHUNK:
+            packer.add_chunk(chunk, file_rows)
+            bar.advance(len(chunk))
+            chunk = []
+            if len(file_rows) >= RENDER_CHUNK:
+                packer.record_files(file_rows)
+                file_rows = []
+    packer.add_chunk(chunk, file_rows)
+    bar.advance(len(chunk))
+    return file_rows
+
+
+class _Packer:
+    """Dedups chunks of rendered requests against the store and the open shard, and writes the new ones; each
+    shard is recorded with its requests as soon as it is closed (nothing is recorded for a dry run)."""
+
+    def __init__(
+        self,
+        store: Store,
+        provider: Provider,
+        model: str,
+        job: str,
+        params: dict[str, Any],
+        max_requests_per_batch: int | None,
+        report: PrepareReport,
+    ) -> None:
+        self.store, self.provider, self.model, self.job, self.report = store, provider, model, job, report
+        self.stamp = time.time()
+        dry = report.dry_run
+        shard_dir = store.state_dir / ("dry-run" if dry else "shards") / safe_name(job)
+        if dry:  # a preview replaces the previous one instead of piling up next to it
+            for old in [*shard_dir.glob("*.jsonl"), *shard_dir.glob("*.jsonl.part")]:
+                old.unlink(missing_ok=True)
+        max_requests = min(provider.max_requests, max_requests_per_batch or provider.max_requests)
+        self.writer = ShardWriter(
+            shard_dir,
+            shard_prefix(job, store.next_shard_number()),
+            max_requests,
+            provider.max_bytes,
+            durable=not dry,
+            on_close=self._record,
+        )
+
+    def record_files(self, rows: list[dict[str, Any]]) -> None:
+        if not self.report.dry_run:  # a dry run records nothing
+            self.store.record_files(rows, self.stamp)
+
+    def add_chunk(self, chunk: list[Rendered], file_rows: list[dict[str, Any]]) -> None:
+        if not chunk:
+            return
+        known = self.store.known_ids([cid for _, cid, _, _ in chunk])  # one query per chunk, not per file
+        fresh: set[str] = set()
+        report, job, writer = self.report, self.job, self.writer
+        for name, cid, line, tokens in chunk:
+            report.requests += 1
+            report.est_input_tokens_all += tokens
+            if cid in known or cid in fresh or cid in writer.pending_ids():
+                report.known += cid in known
+                file_rows.append({"job": job, "file_name": name, "custom_id": cid, "skip_reason": None})
+                continue
+            if not writer.fits_alone(line):
+                reason = f"request too large for one batch ({len(line)} bytes)"
+                report.skipped.append((name, reason))
+                file_rows.append({"job": job, "file_name": name, "custom_id": None, "skip_reason": reason})
+                continue
+            fresh.add(cid)
+            file_rows.append({"job": job, "file_name": name, "custom_id": cid, "skip_reason": None})
+            report.new += 1
+            report.est_input_tokens += tokens
+            # A compact row (the ledger dict is built when the shard is recorded); none for a preview.
+            writer.add(line, cid, tokens, None if report.dry_run else (cid, name, tokens))
+
+    def _record(self, shard: Shard) -> None:
+        self.report.shards.append(str(shard.path))
+        if self.report.dry_run:
+            return
+        p = self.provider
+        fixed = {"job": self.job, "provider": p.name, "model": self.model, "endpoint": p.endpoint}
+        self.store.add_shard(
+            {
+                **fixed,
+                "key": shard.key,
+                "path": str(shard.path),
+                "n_requests": shard.n_requests,
+                "n_bytes": shard.n_bytes,
+                "est_tokens": shard.est_tokens,
+            },
+            (
+                {"custom_id": cid, "file_name": name, "est_input_tokens": tokens, "max_tokens": self.report.max_tokens}
+                | fixed
+                for cid, name, tokens in shard.requests
+            ),
+        )
+        shard.requests.clear()
