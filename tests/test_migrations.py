@@ -1,0 +1,40 @@
+"""The schema an empty store migrates to, table by table (columns and types), and the migrations it records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hipbatch.store import Store
+from tests.conftest import ledger_db
+
+
+def test_an_empty_store_migrates_to_the_current_schema(tmp_path: Path) -> None:
+    Store(tmp_path / "state").close()
+    db = ledger_db(tmp_path / "state")
+    applied = [r["name"] for r in db.table("_sqlite_migrations").rows_where(order_by="id")]
+    assert applied[:3] == ["m001_initial", "m002_status_covering_indexes", "m003_superseded_answers"]
+    assert db.table("jobs").columns_dict == {
+        "name": str, "provider": str, "model": str, "input_dir": str, "template_dir": str, "output_file": str,
+        "created_at": float, "updated_at": float,
+    }  # fmt: skip
+    assert db.table("files").columns_dict == {
+        "job": str, "file_name": str, "custom_id": str, "skip_reason": str, "updated_at": float,
+    }  # fmt: skip
+    requests = db.table("requests").columns_dict
+    for column, kind in {"custom_id": str, "state": str, "attempts": int, "est_cost_usd": float, "prompt": str,
+                         "input_tokens": int, "cost_usd": float, "via": str}.items():  # fmt: skip
+        assert requests[column] is kind, column
+    assert {"id", "key", "state", "file_id", "batch_id", "intent_at", "requeues"} <= set(
+        db.table("shards").columns_dict
+    )
+    assert {"id", "shard_id", "status", "is_final", "collected", "adopted"} <= set(db.table("batches").columns_dict)
+    assert db.table("superseded").columns_dict["cost_usd"] is float
+    indexes = {tuple(i.columns) for i in db.table("requests").indexes}
+    assert ("job", "state", "cost_usd", "est_cost_usd") in indexes and ("state", "batch_id", "error_code") in indexes
+
+
+def test_opening_again_applies_nothing(tmp_path: Path) -> None:
+    Store(tmp_path / "state").close()
+    before = ledger_db(tmp_path / "state").table("_sqlite_migrations").count
+    Store(tmp_path / "state").close()
+    assert ledger_db(tmp_path / "state").table("_sqlite_migrations").count == before
