@@ -1123,7 +1123,7 @@ def drain(
 @app.command()
 @reports_errors
 def emulator(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8765,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (0 picks a free one).")] = 8765,
     seed: Annotated[int, typer.Option(help="Seed for the fake model and injected faults.")] = 0,
     polls_to_complete: Annotated[int, typer.Option(min=1, help="Status checks before a batch ends.")] = 2,
     fault_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of HTTP calls that fail.")] = 0.0,
@@ -1131,14 +1131,36 @@ def emulator(
     forms: Annotated[str, typer.Option(help="Reply forms: mixed, or one of tag, fenced, label, ...")] = "mixed",
     enqueued_token_limit: Annotated[int | None, typer.Option(help="Per-model enqueued token quota.")] = None,
     live_latency: Annotated[float, typer.Option(help="Seconds before each live answer.")] = 0.0,
+    control: Annotated[
+        bool,
+        typer.Option(
+            help="Serve the /_emulator/ control endpoints (stats, config, complete-all). On by default, guarded by "
+            "a token printed at start; their POSTs must be Content-Type: application/json."
+        ),
+    ] = True,
+    control_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HIPBATCH_EMULATOR_TOKEN", help="Use this control token (16+ characters) instead of a random one."
+        ),
+    ] = None,
 ) -> None:
     """Run the local batch server (OpenAI and Anthropic batch APIs, fake model) until Ctrl-C.
+
+    It listens on 127.0.0.1 only and answers 413 to request bodies over 300 MB. Fault knobs (download_fault,
+    auth_after, fault_rate, ...; see hipbatch/emulator/config.py) can be changed at runtime with
+    POST /_emulator/config.
 
     Example: hipbatch emulator --port 8765, then in another shell:
     OPENAI_BASE_URL=http://127.0.0.1:8765/v1 OPENAI_API_KEY=test hipbatch submit examples/hip
     """
-    from hipbatch.emulator import EmulatorConfig, LocalBatchServer
+    import errno
 
+    from hipbatch.emulator import EmulatorConfig, LocalBatchServer
+    from hipbatch.emulator.server import TOKEN_RE
+
+    if control_token is not None and not TOKEN_RE.match(control_token):
+        raise UsageError("--control-token needs 16 to 256 printable ASCII characters without spaces.")
     config = EmulatorConfig(
         seed=seed,
         polls_to_complete=polls_to_complete,
@@ -1148,12 +1170,26 @@ def emulator(
         enqueued_token_limit=enqueued_token_limit,
         live_latency_s=live_latency,
     )
-    server = LocalBatchServer(port=port, config=config)
+    try:
+        server = LocalBatchServer(port=port, config=config, control_token=control_token, control=control)
+    except OSError as exc:
+        reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        message = f"Cannot listen on 127.0.0.1:{port}: {reason}. Pick another --port (0 picks a free one)."
+        raise UsageError(message) from None
+    token = server.control_token if control_token is None else "<the token you gave>"
     err(
         f"hipbatch emulator on {server.url}\n"
         f"  OPENAI_BASE_URL={server.openai_base_url} OPENAI_API_KEY=test\n"
         f"  ANTHROPIC_BASE_URL={server.anthropic_base_url} ANTHROPIC_API_KEY=test\n"
-        "Ctrl-C to stop."
+        + (
+            f"Control endpoints need the token {token}, e.g.:\n"
+            f"  curl -H 'Authorization: Bearer {token}' {server.url}/_emulator/stats\n"
+            f"  curl -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' "
+            f"""-d '{{"download_fault": "short"}}' {server.url}/_emulator/config\n"""
+            if control
+            else "Control endpoints off (--no-control).\n"
+        )
+        + "Ctrl-C to stop."
     )
     try:
         server.serve_forever()
