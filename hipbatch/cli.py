@@ -1147,9 +1147,8 @@ def emulator(
 ) -> None:
     """Run the local batch server (OpenAI and Anthropic batch APIs, fake model) until Ctrl-C.
 
-    It listens on 127.0.0.1 only and answers 413 to request bodies over 300 MB. Fault knobs (download_fault,
-    auth_after, fault_rate, ...; see hipbatch/emulator/config.py) can be changed at runtime with
-    POST /_emulator/config.
+    It listens on 127.0.0.1 only and answers 413 to bodies over 300 MB. Fault knobs (download_fault, auth_after,
+    ...: hipbatch/emulator/config.py) can be changed at runtime with POST /_emulator/config.
 
     Example: hipbatch emulator --port 8765, then in another shell:
     OPENAI_BASE_URL=http://127.0.0.1:8765/v1 OPENAI_API_KEY=test hipbatch submit examples/hip
@@ -1157,40 +1156,26 @@ def emulator(
     import errno
 
     from hipbatch.emulator import EmulatorConfig, LocalBatchServer
-    from hipbatch.emulator.server import TOKEN_RE
 
-    if control_token is not None and not TOKEN_RE.match(control_token):
-        raise UsageError("--control-token needs 16 to 256 printable ASCII characters without spaces.")
-    config = EmulatorConfig(
-        seed=seed,
-        polls_to_complete=polls_to_complete,
-        fault_rate=fault_rate,
-        request_error_rate=request_error_rate,
-        forms=forms,
-        enqueued_token_limit=enqueued_token_limit,
-        live_latency_s=live_latency,
-    )
     try:
+        config = EmulatorConfig(
+            seed=seed,
+            polls_to_complete=polls_to_complete,
+            fault_rate=fault_rate,
+            request_error_rate=request_error_rate,
+            forms=forms,
+            enqueued_token_limit=enqueued_token_limit,
+            live_latency_s=live_latency,
+        )
         server = LocalBatchServer(port=port, config=config, control_token=control_token, control=control)
+    except ValueError as exc:  # a misspelt --forms, a --control-token the server refuses
+        raise UsageError(f"{exc}.") from None
     except OSError as exc:
         reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
-        message = f"Cannot listen on 127.0.0.1:{port}: {reason}. Pick another --port (0 picks a free one)."
-        raise UsageError(message) from None
-    token = server.control_token if control_token is None else "<the token you gave>"
-    err(
-        f"hipbatch emulator on {server.url}\n"
-        f"  OPENAI_BASE_URL={server.openai_base_url} OPENAI_API_KEY=test\n"
-        f"  ANTHROPIC_BASE_URL={server.anthropic_base_url} ANTHROPIC_API_KEY=test\n"
-        + (
-            f"Control endpoints need the token {token}, e.g.:\n"
-            f"  curl -H 'Authorization: Bearer {token}' {server.url}/_emulator/stats\n"
-            f"  curl -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' "
-            f"""-d '{{"download_fault": "short"}}' {server.url}/_emulator/config\n"""
-            if control
-            else "Control endpoints off (--no-control).\n"
-        )
-        + "Ctrl-C to stop."
-    )
+        raise UsageError(
+            f"Cannot listen on 127.0.0.1:{port}: {reason}. Pick another --port (0 picks a free one)."
+        ) from None
+    err(server.banner(show_token=control_token is None))
     try:
         server.serve_forever()
     except KeyboardInterrupt:

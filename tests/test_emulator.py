@@ -715,7 +715,7 @@ def test_control_endpoints_need_the_token_and_json(make_server: ServerFactory) -
 
     off = make_server(control=False)
     assert control(off, "GET", "/_emulator/stats", headers={"X-Emulator-Token": off.control_token})[0] == 404
-    with pytest.raises(ValueError, match="control_token"):
+    with pytest.raises(ValueError, match="control-token"):
         LocalBatchServer(port=0, control_token="short")
 
 
@@ -779,6 +779,8 @@ def test_emulator_command_port_and_token_errors_are_one_line() -> None:
     assert "already in use" in out.stderr and "--port" in out.stderr
     out = cli("emulator", "--port", "0", "--control-token", "short", code=2)
     assert out.stderr.startswith("Error: --control-token") and len(out.stderr.splitlines()) == 1
+    out = cli("emulator", "--port", "0", "--forms", "nope", code=2)
+    assert out.stderr.startswith("Error: unknown reply form 'nope'") and len(out.stderr.splitlines()) == 1
 
 
 def emulator_banner(proc: subprocess.Popen[bytes]) -> str:

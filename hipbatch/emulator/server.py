@@ -321,7 +321,7 @@ class LocalBatchServer:
         control: bool = True,
     ) -> None:
         if control_token is not None and not TOKEN_RE.match(control_token):
-            raise ValueError("control_token must be 16 to 256 printable ASCII characters without spaces")
+            raise ValueError("--control-token needs 16 to 256 printable ASCII characters without spaces")
         self.control_token = control_token if control_token is not None else secrets.token_urlsafe(32)
         self.control_enabled = control
         self.stats = EmulatorStats()
@@ -419,6 +419,26 @@ class LocalBatchServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+    def banner(self, show_token: bool = True) -> str:
+        """What `hipbatch emulator` prints at start: the environment to point clients here, the control token."""
+        lines = [
+            f"hipbatch emulator on {self.url}",
+            f"  OPENAI_BASE_URL={self.openai_base_url} OPENAI_API_KEY=test",
+            f"  ANTHROPIC_BASE_URL={self.anthropic_base_url} ANTHROPIC_API_KEY=test",
+        ]
+        if self.control_enabled:
+            token = self.control_token if show_token else "<the token you gave>"
+            change = """'{"download_fault": "short"}'"""
+            lines += [
+                f"Control endpoints need the token {token}, e.g.:",
+                f"  curl -H 'Authorization: Bearer {token}' {self.url}/_emulator/stats",
+                f"  curl -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d {change} "
+                f"{self.url}/_emulator/config",
+            ]
+        else:
+            lines.append("Control endpoints off (--no-control).")
+        return "\n".join([*lines, "Ctrl-C to stop."])
 
     def control_headers(self) -> dict[str, str]:
         """Headers a control request needs: the token and the JSON content type."""
