@@ -431,7 +431,7 @@ def run(
 @app.command()
 @reports_errors
 def emulator(
-    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8765,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (0 picks a free one).")] = 8765,
     seed: Annotated[int, typer.Option(help="Seed for the fake model and injected faults.")] = 0,
     polls_to_complete: Annotated[int, typer.Option(min=1, help="Status checks before a batch ends.")] = 2,
     fault_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of HTTP calls that fail.")] = 0.0,
@@ -439,8 +439,24 @@ def emulator(
     forms: Annotated[str, typer.Option(help="Reply forms: mixed, or one of tag, fenced, label, ...")] = "mixed",
     enqueued_token_limit: Annotated[int | None, typer.Option(help="Per-model enqueued token quota.")] = None,
     live_latency: Annotated[float, typer.Option(help="Seconds before each live answer.")] = 0.0,
+    control: Annotated[
+        bool,
+        typer.Option(
+            help="Serve the /_emulator/ control endpoints (stats, config, complete-all). On by default, guarded by "
+            "a token printed at start; their POSTs must be Content-Type: application/json."
+        ),
+    ] = True,
+    control_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HIPBATCH_EMULATOR_TOKEN", help="Use this control token (16+ characters) instead of a random one."
+        ),
+    ] = None,
 ) -> None:
     """Run the local batch server (OpenAI and Anthropic batch APIs, fake model) until Ctrl-C.
+
+    It listens on 127.0.0.1 only and answers 413 to bodies over 300 MB. Fault knobs (download_fault, auth_after,
+    ...: hipbatch/emulator/config.py) can be changed at runtime with POST /_emulator/config.
 
     Example: hipbatch emulator --port 8765, then in another shell:
     OPENAI_BASE_URL=http://127.0.0.1:8765/v1 OPENAI_API_KEY=test hipbatch submit examples/hip
@@ -450,7 +466,7 @@ def emulator(
         "request_error_rate": request_error_rate, "forms": forms, "enqueued_token_limit": enqueued_token_limit,
         "live_latency_s": live_latency,
     }  # fmt: skip
-    ops.emulator(port, settings, Out())
+    ops.emulator(ops.EmulatorOptions(port, settings, control, control_token), Out())
 
 
 @app.command()

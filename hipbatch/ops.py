@@ -514,17 +514,33 @@ def demo(
     return DemoResult(output, done, billed, ours)
 
 
-def emulator(port: int, settings: dict[str, Any], out: Out) -> None:
+@dataclass(frozen=True)
+class EmulatorOptions:
+    """`hipbatch emulator`."""
+
+    port: int = 8765
+    settings: dict[str, Any] = field(default_factory=dict)  # EmulatorConfig fields
+    control: bool = True
+    control_token: str | None = None
+
+
+def emulator(opts: EmulatorOptions, out: Out) -> None:
     """`hipbatch emulator`: the local batch server on 127.0.0.1:port until Ctrl-C."""
+    import errno
+
     from hipbatch.emulator import EmulatorConfig, LocalBatchServer
 
-    server = LocalBatchServer(port=port, config=EmulatorConfig(**settings))
-    out.note(
-        f"hipbatch emulator on {server.url}\n"
-        f"  OPENAI_BASE_URL={server.openai_base_url} OPENAI_API_KEY=test\n"
-        f"  ANTHROPIC_BASE_URL={server.anthropic_base_url} ANTHROPIC_API_KEY=test\n"
-        "Ctrl-C to stop."
-    )
+    try:
+        config = EmulatorConfig(**opts.settings)
+        server = LocalBatchServer(port=opts.port, config=config, control_token=opts.control_token, control=opts.control)
+    except ValueError as exc:  # a misspelt --forms, a --control-token the server refuses
+        raise UsageError(f"{exc}.") from None
+    except OSError as exc:
+        reason = "the port is already in use" if exc.errno == errno.EADDRINUSE else (exc.strerror or str(exc))
+        raise UsageError(
+            f"Cannot listen on 127.0.0.1:{opts.port}: {reason}. Pick another --port (0 picks a free one)."
+        ) from None
+    out.note(server.banner(show_token=opts.control_token is None))
     try:
         server.serve_forever()
     except KeyboardInterrupt:

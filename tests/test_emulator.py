@@ -5,6 +5,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
+import select
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -12,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import anthropic
+import httpx2
 import openai
 import pytest
 from anthropic.types.messages.batch_create_params import Request
@@ -19,6 +25,7 @@ from anthropic.types.messages.batch_create_params import Request
 from hipbatch.emulator import EmulatorConfig, LocalBatchServer
 from hipbatch.emulator import fake_model as fm
 from hipbatch.emulator.common import live_key
+from tests.conftest import cli
 
 CHAT: Literal["/v1/chat/completions"] = "/v1/chat/completions"
 SYSTEM = "You turn HIP kernels into English prompts. Answer inside <prompt> tags."
@@ -39,8 +46,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def make_server() -> Iterator[ServerFactory]:
     servers: list[LocalBatchServer] = []
 
-    def make(**config: Any) -> LocalBatchServer:
-        server = LocalBatchServer(port=0, config=EmulatorConfig(**config)).start()
+    def make(control: bool = True, **config: Any) -> LocalBatchServer:
+        server = LocalBatchServer(port=0, config=EmulatorConfig(**config), control=control).start()
         servers.append(server)
         return server
 
@@ -583,7 +590,7 @@ def test_unknown_models_auth_routes_and_keep_alive(make_server: ServerFactory) -
             ("GET", "/v1/messages/batches", {"anthropic-version": "2023-06-01"}),
             ("GET", "/v1/nowhere", {"Authorization": "Bearer k"}),
             ("PUT", "/v1/batches", {"Authorization": "Bearer k"}),
-            ("GET", "/_emulator/stats", {}),
+            ("GET", "/_emulator/stats", {"X-Emulator-Token": server.control_token}),
         ]:
             conn.request(method, path, headers=headers)  # one socket: keep-alive must work
             response = conn.getresponse()
@@ -603,15 +610,16 @@ def test_control_endpoints(make_server: ServerFactory) -> None:
     client = oai(server)
     batch = submit(client, [chat_line("a", kernel("k", "bare"))])
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    headers = server.control_headers()
     try:
-        conn.request("POST", "/_emulator/complete-all")
+        conn.request("POST", "/_emulator/complete-all", headers=headers)
         assert conn.getresponse().read() == b'{"ok": true}'
-        conn.request("POST", "/_emulator/config", body=json.dumps({"forms": "fenced"}))
+        conn.request("POST", "/_emulator/config", body=json.dumps({"forms": "fenced"}), headers=headers)
         assert json.loads(conn.getresponse().read())["forms"] == "fenced"
-        conn.request("POST", "/_emulator/config", body=json.dumps({"forms": "nope"}))
+        conn.request("POST", "/_emulator/config", body=json.dumps({"forms": "nope"}), headers=headers)
         response = conn.getresponse()
         assert response.status == 400 and "unknown reply form" in json.loads(response.read())["error"]["message"]
-        conn.request("POST", "/_emulator/reset-stats")
+        conn.request("POST", "/_emulator/reset-stats", headers=headers)
         conn.getresponse().read()
     finally:
         conn.close()
@@ -633,10 +641,386 @@ def test_handler_crash_answers_500_and_chunked_bodies_are_read(make_server: Serv
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
     try:
         body = iter([b'{"forms": ', b'"bare"}'])
-        conn.request("POST", "/_emulator/config", body=body, encode_chunked=True)
+        conn.request("POST", "/_emulator/config", body=body, headers=server.control_headers(), encode_chunked=True)
         response = conn.getresponse()
         assert (response.status, json.loads(response.read())["forms"]) == (200, "bare")
-        conn.request("GET", "/_emulator/health")
+        conn.request("GET", "/_emulator/health", headers=server.control_headers())
         assert json.loads(conn.getresponse().read()) == {"ok": True, "url": server.url}
     finally:
         conn.close()
+
+
+# ---- control endpoints locked down, request-body cap, the emulator command ---------------------------------
+
+
+def control(
+    server: LocalBatchServer, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read() or b"null")
+    finally:
+        conn.close()
+
+
+def raw_answer(port: int, head: bytes, *chunks: bytes) -> tuple[int, bytes]:
+    """Send request headers (and maybe some body bytes) on a plain socket, then read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            sock.sendall(chunk)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, response.read()
+
+
+def test_control_endpoints_need_the_token_and_json(make_server: ServerFactory) -> None:
+    server = make_server()
+    token = server.control_token
+    assert len(token) >= 32 and token != make_server().control_token  # a fresh random token per server
+    status, body = control(server, "GET", "/_emulator/stats")
+    assert status == 401 and "token" in body["error"]["message"]
+    wrong = token[:-1] + ("x" if token[-1] != "x" else "y")
+    assert control(server, "GET", "/_emulator/stats", headers={"Authorization": f"Bearer {wrong}"})[0] == 403
+    assert control(server, "GET", "/_emulator/stats", headers={"X-Emulator-Token": wrong})[0] == 403
+    status, body = control(server, "GET", "/_emulator/config", headers={"Authorization": f"Bearer {token}"})
+    assert status == 200 and body["forms"] == "mixed"
+    assert control(server, "GET", "/_emulator/health", headers={"X-Emulator-Token": token})[0] == 200
+
+    # what a web page can send without a preflight: text/plain or a form, and no custom header
+    change = json.dumps({"forms": "bare", "download_fault": "empty"}).encode()
+    attempts = [
+        ({"Content-Type": "text/plain"}, 401),
+        ({"Content-Type": "text/plain", "X-Emulator-Token": token}, 415),
+        ({"Content-Type": "application/x-www-form-urlencoded", "Authorization": f"Bearer {token}"}, 415),
+        ({"X-Emulator-Token": token}, 415),
+    ]
+    assert [control(server, "POST", "/_emulator/config", change, h)[0] for h, _ in attempts] == [s for _, s in attempts]
+    assert control(server, "POST", "/_emulator/complete-all", None, {"Content-Type": "text/plain"})[0] == 401
+    assert (server.config.forms, server.config.download_fault) == ("mixed", None)
+    json_headers = {"X-Emulator-Token": token, "Content-Type": "application/json; charset=utf-8"}
+    status, body = control(server, "POST", "/_emulator/config", change, json_headers)
+    assert status == 200 and (server.config.forms, server.config.download_fault) == ("bare", "empty")
+    status, body = control(server, "POST", "/_emulator/config", b'{"download_fault": "late"}', json_headers)
+    assert status == 400 and "download_fault" in body["error"]["message"] and server.config.download_fault == "empty"
+    assert server.stats.refused == Counter({"control_no_token": 3, "control_bad_token": 2, "control_not_json": 3})
+
+    # refused before the body is read: the answer comes although the promised gigabyte never does
+    head = (
+        b"POST /_emulator/config HTTP/1.1\r\nHost: x\r\nContent-Type: text/plain\r\nContent-Length: 1000000000\r\n\r\n"
+    )
+    assert raw_answer(server.port, head)[0] == 401
+
+    off = make_server(control=False)
+    assert control(off, "GET", "/_emulator/stats", headers={"X-Emulator-Token": off.control_token})[0] == 404
+    with pytest.raises(ValueError, match="control-token"):
+        LocalBatchServer(port=0, control_token="short")
+
+
+def test_results_base_url_and_body_cap_are_not_settable_remotely(make_server: ServerFactory) -> None:
+    server = make_server()
+    for change in (
+        {"results_base_url": "http://127.0.0.1:1"},
+        {"results_base_url": server.url},
+        {"forms": "bare", "results_base_url": "http://attacker.example"},
+        {"max_body_bytes": 10**12},
+    ):
+        status, body = control(
+            server, "POST", "/_emulator/config", json.dumps(change).encode(), server.control_headers()
+        )
+        assert status == 403 and "in-process" in body["error"]["message"]
+    assert (server.config.results_base_url, server.config.forms) == (None, "mixed")
+    assert server.config.max_body_bytes == EmulatorConfig().max_body_bytes == 300 * 1024 * 1024
+    claude = ant(server)
+    batch = claude.messages.batches.create(requests=[anthropic_request("a", kernel("k"))])
+    url = claude.messages.batches.retrieve(batch.id).results_url
+    assert url is not None and url.startswith(server.url + "/v1/")
+
+
+def test_body_over_the_cap_gets_413_before_it_is_read(make_server: ServerFactory) -> None:
+    cap = 64 * 1024
+    server = make_server(max_body_bytes=cap)
+    head = (
+        b"POST /v1/files HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer k\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000000\r\n\r\n"
+    )
+    status, body = raw_answer(server.port, head)  # not one byte of the body is sent
+    assert status == 413 and json.loads(body)["error"]["message"].startswith("Request body is over 65536 bytes")
+    chunked = (
+        b"POST /v1/messages/batches HTTP/1.1\r\nHost: t\r\nanthropic-version: 2023-06-01\r\nx-api-key: k\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    piece = b"x" * 40_000
+    status, body = raw_answer(server.port, chunked, b"%x\r\n%s\r\n" % (len(piece), piece), b"%x\r\n" % len(piece))
+    assert status == 413 and json.loads(body)["error"]["type"] == "request_too_large"  # the size line was enough
+
+    client = oai(server)
+    with pytest.raises(openai.APIStatusError) as info:  # 4 MB: more than the socket buffers hold
+        client.files.create(file=("big.jsonl", b"x" * (4 << 20), "application/jsonl"), purpose="batch")
+    assert info.value.status_code == 413
+    with pytest.raises(anthropic.RequestTooLargeError):
+        ant(server).messages.batches.create(requests=[anthropic_request("big", "x" * cap)])
+    assert client.files.create(file=("ok.jsonl", chat_line("a", "x").encode()), purpose="batch").bytes > 0
+    assert server.stats.refused == Counter({"body_too_large": 4}) and server.stats.files_uploaded == 1
+
+
+def test_emulator_command_port_and_token_errors_are_one_line() -> None:
+    out = cli("emulator", "--port", "70000", code=2)
+    errors = [line for line in out.stderr.splitlines() if "Error" in line]
+    assert len(errors) == 1 and "'--port'" in errors[0] and "65535" in errors[0] and "Traceback" not in out.output
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = cli("emulator", "--port", str(port), code=2)
+    assert out.stderr.splitlines() == [out.stderr.strip()] and f"127.0.0.1:{port}" in out.stderr
+    assert "already in use" in out.stderr and "--port" in out.stderr
+    out = cli("emulator", "--port", "0", "--control-token", "short", code=2)
+    assert out.stderr.startswith("Error: --control-token") and len(out.stderr.splitlines()) == 1
+    out = cli("emulator", "--port", "0", "--forms", "nope", code=2)
+    assert out.stderr.startswith("Error: unknown reply form 'nope'") and len(out.stderr.splitlines()) == 1
+
+
+def emulator_banner(proc: subprocess.Popen[bytes]) -> str:
+    """What `hipbatch emulator` printed on stderr up to its "Ctrl-C to stop." line (10 s at most)."""
+    assert proc.stderr is not None
+    text = b""
+    deadline = time.monotonic() + 10
+    while b"Ctrl-C to stop." not in text and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        chunk = os.read(proc.stderr.fileno(), 65536) if ready else b""
+        if ready and not chunk:
+            break
+        text += chunk
+    return text.decode()
+
+
+@pytest.mark.parametrize("flag", ["--control", "--no-control"])
+def test_emulator_command_prints_a_token_that_works(flag: str) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "HIPBATCH_EMULATOR_TOKEN"}
+    args = [sys.executable, "-m", "hipbatch", "emulator", "--port", "0", flag]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, bufsize=0)
+    try:
+        banner = emulator_banner(proc)
+        found = re.search(r"on http://127\.0\.0\.1:(\d+)\n", banner)
+        assert found, banner
+        conn = http.client.HTTPConnection("127.0.0.1", int(found.group(1)), timeout=5)
+        token_found = re.search(r"need the token (\S+), e\.g\.:\n  curl -H 'Authorization: Bearer (\S+)'", banner)
+        if flag == "--control":
+            assert token_found and token_found.group(1) == token_found.group(2)
+            for headers, status in (({}, 401), ({"Authorization": f"Bearer {token_found.group(1)}"}, 200)):
+                conn.request("GET", "/_emulator/stats", headers=headers)
+                response = conn.getresponse()
+                response.read()
+                assert response.status == status
+        else:
+            assert token_found is None and "Control endpoints off (--no-control)." in banner
+            conn.request("GET", "/_emulator/stats", headers={"Authorization": "Bearer anything-at-all-16"})
+            assert conn.getresponse().status == 404
+        conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+# ---- misbehaving downloads and keys -----------------------------------------------------------------------
+
+
+def finished_batches(server: LocalBatchServer, n: int = 6) -> tuple[openai.OpenAI, str, anthropic.Anthropic, str]:
+    """One ended batch of `n` requests per provider: (client, its output file id, claude, batch id)."""
+    client = oai(server)
+    batch = poll(client, submit(client, [chat_line(f"o{i}", kernel(f"k{i}", "tag")) for i in range(n)]).id)
+    assert batch.output_file_id is not None and batch.request_counts is not None
+    assert (batch.request_counts.completed, batch.error_file_id) == (n, None)
+    claude = ant(server)
+    created = claude.messages.batches.create(
+        requests=[anthropic_request(f"a{i}", kernel(f"k{i}", "tag")) for i in range(n)]
+    )
+    assert claude.messages.batches.retrieve(created.id).request_counts.succeeded == n
+    return client, batch.output_file_id, claude, created.id
+
+
+def file_lines(client: openai.OpenAI, file_id: str) -> list[bytes]:
+    return client.files.content(file_id).content.splitlines()
+
+
+def result_ids(claude: anthropic.Anthropic, batch_id: str) -> list[str]:
+    return [item.custom_id for item in claude.messages.batches.results(batch_id)]
+
+
+def test_short_empty_and_duplicate_downloads(make_server: ServerFactory) -> None:
+    server = make_server()
+    client, file_id, claude, batch_id = finished_batches(server)
+    full, full_ids = file_lines(client, file_id), result_ids(claude, batch_id)
+    assert len(full) == 6 and sorted(full_ids) == [f"a{i}" for i in range(6)]
+
+    server.config.download_fault = "short"
+    short_body, short_ids = client.files.content(file_id).content, result_ids(claude, batch_id)
+    short = short_body.splitlines()
+    assert 0 < len(short) < 6 and set(short) < set(full) and short_body.endswith(b"\n")
+    assert 0 < len(short_ids) < 6 and set(short_ids) < set(full_ids) and len(set(short_ids)) == len(short_ids)
+
+    server.config.download_fault = "empty"
+    assert client.files.content(file_id).content == b"" and result_ids(claude, batch_id) == []
+
+    server.config.download_fault = "duplicate"
+    doubled = file_lines(client, file_id)
+    twice = [cid for cid, n in Counter(json.loads(line)["custom_id"] for line in doubled).items() if n > 1]
+    assert len(doubled) == 7 and set(doubled) == set(full) and len(twice) == 1
+    results = list(claude.messages.batches.results(batch_id))
+    again = [cid for cid, n in Counter(r.custom_id for r in results).items() if n > 1]
+    assert len(results) == 7 and len(again) == 1
+    assert len({r.model_dump_json() for r in results if r.custom_id == again[0]}) == 1  # identical lines
+    assert server.stats.faults == Counter({"short": 2, "empty": 2, "duplicate": 2})
+    assert server.stats.downloads == Counter({"openai.files.content": 4, "anthropic.batches.results": 4})
+    assert server.stats.billed_twice() == [] and sum(server.stats.answered.values()) == 12
+
+
+def test_conflicting_answers_differ_and_only_the_first_was_billed(make_server: ServerFactory) -> None:
+    server = make_server()
+    client, file_id, claude, batch_id = finished_batches(server)
+    server.config.download_fault = "conflict"
+    lines = [json.loads(line) for line in file_lines(client, file_id)]
+    ids = Counter(line["custom_id"] for line in lines)
+    (cid,) = [c for c, n in ids.items() if n == 2]
+    first, second = (line["response"]["body"] for line in lines if line["custom_id"] == cid)
+    assert first["choices"][0]["message"]["content"] != second["choices"][0]["message"]["content"]
+    assert second["usage"]["completion_tokens"] == 2 * first["usage"]["completion_tokens"] > 0
+    billed = server.stats.billed_per_custom_id[cid]
+    assert (billed.answers, billed.input_tokens, billed.output_tokens) == (
+        1,
+        first["usage"]["prompt_tokens"],
+        first["usage"]["completion_tokens"],
+    )
+
+    results = list(claude.messages.batches.results(batch_id))
+    (aid,) = [c for c, n in Counter(r.custom_id for r in results).items() if n == 2]
+    a_first, a_second = (r.result for r in results if r.custom_id == aid)
+    assert a_first.type == a_second.type == "succeeded"
+    texts = [result.model_dump()["message"]["content"][0]["text"] for result in (a_first, a_second)]
+    assert texts[0] != texts[1] and texts[0] in texts[1]
+    assert a_second.message.usage.output_tokens == 2 * a_first.message.usage.output_tokens
+    status, stats = control(server, "GET", "/_emulator/stats", headers=server.control_headers())
+    assert status == 200 and stats["billed_per_custom_id"][aid]["answers"] == 1
+    assert stats["billed_per_custom_id"][aid]["output_tokens"] == a_first.message.usage.output_tokens
+    assert stats["faults"] == {"conflict": 2} and server.stats.billed_twice() == []
+
+    poll(client, submit(client, [chat_line(cid, kernel("again", "tag"))]).id)  # the same request bought again
+    assert server.stats.billed_twice() == [cid] and server.stats.billed_per_custom_id[cid].answers == 2
+
+
+def test_cut_and_malformed_downloads(make_server: ServerFactory) -> None:
+    server = make_server()
+    client, file_id, claude, batch_id = finished_batches(server)
+    server.config.download_fault = "cut"
+    with pytest.raises(httpx2.RemoteProtocolError), client.files.with_streaming_response.content(file_id) as response:
+        b"".join(response.iter_bytes())
+    with pytest.raises(openai.APIConnectionError):  # read whole inside the SDK: a broken connection
+        client.files.content(file_id)
+    seen: list[str] = []
+    with pytest.raises(httpx2.RemoteProtocolError):
+        for item in claude.messages.batches.results(batch_id):
+            seen.append(item.custom_id)
+    assert len(seen) < 6
+
+    server.config.download_fault = "malformed"
+    lines = file_lines(client, file_id)
+    bad = []
+    for line in lines:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            bad.append(line)
+    assert len(lines) == 6 and len(bad) == 1 and bad[0].startswith(b"{")
+    with pytest.raises(json.JSONDecodeError):
+        list(claude.messages.batches.results(batch_id))
+    assert server.stats.faults == Counter({"cut": 3, "malformed": 2})
+    server.config.download_fault = None
+    assert len(file_lines(client, file_id)) == 6 and len(result_ids(claude, batch_id)) == 6
+
+
+def test_completed_without_output_and_results_gone(make_server: ServerFactory) -> None:
+    server = make_server()
+    client, file_id, claude, batch_id = finished_batches(server)
+    openai_batch = client.batches.list().data[0]
+    server.config.update({"download_fault": "no_output", "download_fault_times": 2})
+    hidden = client.batches.retrieve(openai_batch.id)
+    assert hidden.status == "completed" and hidden.request_counts is not None
+    assert (hidden.request_counts.completed, hidden.output_file_id, hidden.error_file_id) == (6, None, None)
+    assert [b.output_file_id for b in client.batches.list()] == [None]  # listing shows it too, uncounted
+    assert client.batches.retrieve(openai_batch.id).output_file_id is None
+    assert client.batches.retrieve(openai_batch.id).output_file_id == file_id  # healed after 2 retrieves
+    with pytest.raises(anthropic.AnthropicError, match="results_url"):
+        result_ids(claude, batch_id)
+    ended = claude.messages.batches.retrieve(batch_id)
+    assert (ended.processing_status, ended.request_counts.succeeded, ended.results_url) == ("ended", 6, None)
+    assert len(result_ids(claude, batch_id)) == 6
+    assert server.stats.faults == Counter({"no_output": 4})
+
+    server.config.update({"download_fault": "gone", "download_fault_times": None})
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(file_id)
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(file_id)
+    assert client.batches.retrieve(openai_batch.id).output_file_id == file_id  # the batch still names it
+    archived = claude.messages.batches.retrieve(batch_id)
+    assert archived.archived_at is not None and archived.ended_at is not None
+    assert archived.archived_at >= archived.ended_at
+    with pytest.raises(anthropic.NotFoundError):
+        result_ids(claude, batch_id)
+    server.config.download_fault = None
+    assert claude.messages.batches.retrieve(batch_id).archived_at is None
+    assert len(file_lines(client, file_id)) == 6 and client.files.retrieve(file_id).id == file_id
+
+
+def test_download_faults_heal_after_k_and_hit_a_seeded_share_of_batches(make_server: ServerFactory) -> None:
+    server = make_server()
+    client, file_id, claude, batch_id = finished_batches(server)
+    change = json.dumps({"download_fault": "empty", "download_fault_times": 2}).encode()
+    assert control(server, "POST", "/_emulator/config", change, server.control_headers())[0] == 200
+    assert [len(file_lines(client, file_id)) for _ in range(3)] == [0, 0, 6]
+    assert [len(result_ids(claude, batch_id)) for _ in range(3)] == [0, 0, 6]
+    other = poll(client, submit(client, [chat_line("later", kernel("k", "tag"))]).id)
+    assert file_lines(client, other.output_file_id or "") == []  # counted per file: a new one starts afresh
+    server.config.download_fault_times = 1  # any change of the knobs starts the count again
+    assert [len(file_lines(client, file_id)) for _ in range(2)] == [0, 6]
+    assert server.stats.faults["empty"] == 6
+
+    def hit_batches(seed: int) -> list[bool]:
+        srv = make_server(seed=seed)
+        c = oai(srv)
+        outputs = [poll(c, submit(c, [chat_line(f"f{i}", kernel("k", "tag"))]).id).output_file_id for i in range(12)]
+        srv.config.update({"download_fault": "empty", "download_fault_fraction": 0.5})
+        return [c.files.content(fid or "").content == b"" for fid in outputs]
+
+    hits = hit_batches(5)
+    assert 0 < sum(hits) < 12 and hit_batches(5) == hits
+
+
+def test_auth_after_n_calls_answers_401_until_reset(make_server: ServerFactory) -> None:
+    server = make_server()
+    client, claude = oai(server), ant(server)
+    server.config.auth_after = 3
+    assert [client.models.retrieve(f"gpt-{i}").id for i in range(2)] == ["gpt-0", "gpt-1"]
+    assert claude.models.retrieve("claude-emu").id == "claude-emu"
+    with pytest.raises(openai.AuthenticationError) as info:
+        client.batches.list()
+    assert info.value.code == "invalid_api_key"
+    with pytest.raises(anthropic.AuthenticationError) as ant_info:
+        claude.messages.batches.list()
+    assert ant_info.value.type == "authentication_error"
+    status, stats = control(server, "GET", "/_emulator/stats", headers=server.control_headers())
+    assert status == 200 and stats["faults"] == {"auth_after": 2}  # control calls are not API calls
+
+    headers = server.control_headers()
+    assert control(server, "POST", "/_emulator/config", b'{"auth_after": null}', headers)[0] == 200
+    assert client.batches.list().data == [] and claude.messages.batches.list().data == []
+    assert control(server, "POST", "/_emulator/config", b'{"auth_after": 1}', headers)[0] == 200
+    assert client.models.retrieve("gpt-x").id == "gpt-x"
+    with pytest.raises(openai.AuthenticationError):
+        client.models.retrieve("gpt-y")
+    assert server.stats.faults == Counter({"auth_after": 3})

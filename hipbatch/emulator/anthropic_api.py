@@ -60,8 +60,13 @@ class MessageBatch:
     counts: dict[str, int] = field(default_factory=dict)
     results: bytes = b""
 
-    def obj(self, base_url: str) -> dict[str, Any]:
-        """The MessageBatch JSON."""
+    @property
+    def fault_key(self) -> str:
+        """Stable name of this batch for download_fault_fraction."""
+        return f"anthropic:{self.order}"
+
+    def obj(self, base_url: str, hide_results: bool = False, archived: bool = False) -> dict[str, Any]:
+        """The MessageBatch JSON (`hide_results`, `archived`: the "no_output" and "gone" download faults)."""
         ended = self.status == "ended"
         counts = (
             self.counts
@@ -83,8 +88,8 @@ class MessageBatch:
             "expires_at": rfc3339(self.created_at + SECONDS_PER_DAY),
             "ended_at": rfc3339(self.ended_at) if self.ended_at is not None else None,
             "cancel_initiated_at": rfc3339(self.cancel_initiated_at) if self.cancel_initiated_at else None,
-            "archived_at": None,
-            "results_url": f"{base_url}/v1/messages/batches/{self.id}/results" if ended else None,
+            "archived_at": rfc3339(self.ended_at) if archived and self.ended_at is not None else None,
+            "results_url": f"{base_url}/v1/messages/batches/{self.id}/results" if ended and not hide_results else None,
         }
 
 
@@ -198,15 +203,24 @@ class AnthropicBackend:
         with self.core.lock:
             batch = self._batch(call.params[0])
             self._advance(batch)
-            return json_reply(batch.obj(self.core.results_base()))
+            return json_reply(self._shown(batch, count=True))
+
+    def _shown(self, batch: MessageBatch, count: bool = False) -> dict[str, Any]:
+        """The MessageBatch JSON as a client sees it now; a retrieve (`count`) is one "no_output" injection."""
+        base = self.core.results_base()
+        if batch.status != "ended":
+            return batch.obj(base)
+        faults = self.core.faults
+        hidden = (faults.draw if count else faults.peek)(("no_output",), batch.id, batch.fault_key)
+        archived = faults.peek(("gone",), batch.id, batch.fault_key)
+        return batch.obj(base, hide_results=hidden is not None, archived=archived is not None)
 
     def list_batches(self, call: Call) -> Reply:
         """GET /v1/messages/batches (limit, after_id, before_id), newest first."""
         limit = call.int_arg("limit", 20, 1, 1000)
         after_id, before_id = call.arg("after_id"), call.arg("before_id")
         with self.core.lock:
-            base = self.core.results_base()
-            items = [self.batches[bid].obj(base) for bid in reversed(self.batch_order) if bid in self.batches]
+            items = [self._shown(self.batches[bid]) for bid in reversed(self.batch_order) if bid in self.batches]
         ids = [item["id"] for item in items]
         for name, cursor in (("after_id", after_id), ("before_id", before_id)):
             if cursor and cursor not in ids:
@@ -260,7 +274,7 @@ class AnthropicBackend:
             batch = self._batch(call.params[0])
             if batch.status != "ended":
                 raise ApiError(400, f"Results for message batch {batch.id} are not available until it has ended.")
-            return Reply(body=batch.results, content_type="application/binary")
+            return Reply(body=batch.results, content_type="application/binary", fault_key=batch.fault_key)
 
     def complete_all(self) -> None:
         """End every batch that is still processing."""

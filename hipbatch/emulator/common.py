@@ -16,6 +16,7 @@ from email.parser import BytesHeaderParser
 from typing import Any
 
 from hipbatch.emulator.config import EmulatorConfig
+from hipbatch.emulator.faults import DownloadFaults
 from hipbatch.emulator.stats import EmulatorStats
 
 SECONDS_PER_DAY = 86_400
@@ -51,6 +52,10 @@ class Reply:
     body: bytes = b""
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    # a download's batch, named stably (e.g. "openai:3"), so download_fault_fraction can pick whole batches
+    fault_key: str | None = None
+    # "cut" download fault: send only this many body bytes under the full Content-Length, then hang up
+    cut_at: int | None = None
 
 
 def json_reply(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
@@ -73,6 +78,7 @@ class Core:
         # custom_id -> processed batches it was in so far; feeds the per-request draws so a resubmitted
         # request gets a fresh (still deterministic) chance instead of failing the same way forever
         self.attempts: Counter[str] = Counter()
+        self.faults = DownloadFaults(lambda: self.config, stats)
 
     def results_base(self) -> str:
         """Base URL for absolute URLs the server hands out."""

@@ -56,6 +56,7 @@ class StoredFile:
     purpose: str
     created_at: int
     expires_at: int | None = None
+    fault_key: str | None = None  # set on a batch's output and error files: "openai:<batch order>"
 
     def obj(self) -> dict[str, Any]:
         """The FileObject JSON."""
@@ -116,8 +117,13 @@ class Batch:
             self._tokens = queued_tokens(self.lines)
         return self._tokens
 
-    def obj(self) -> dict[str, Any]:
-        """The Batch JSON."""
+    @property
+    def fault_key(self) -> str:
+        """Stable name of this batch for download_fault_fraction."""
+        return f"openai:{self.order}"
+
+    def obj(self, hide_files: bool = False) -> dict[str, Any]:
+        """The Batch JSON (`hide_files`: the "no_output" download fault)."""
         failed = self.status == "failed" and self.fail_errors
         return {
             "id": self.id,
@@ -127,8 +133,8 @@ class Batch:
             "input_file_id": self.input_file_id,
             "completion_window": self.completion_window,
             "status": self.status,
-            "output_file_id": self.output_file_id,
-            "error_file_id": self.error_file_id,
+            "output_file_id": None if hide_files else self.output_file_id,
+            "error_file_id": None if hide_files else self.error_file_id,
             "created_at": self.created_at,
             "in_progress_at": self.times.get("in_progress_at"),
             "expires_at": self.created_at + SECONDS_PER_DAY,
@@ -247,9 +253,12 @@ class OpenAIBackend:
         return stored
 
     def retrieve_file(self, call: Call) -> Reply:
-        """GET /v1/files/{id}."""
+        """GET /v1/files/{id}; a batch output under the "gone" download fault is 404 here too."""
         with self.core.lock:
-            return json_reply(self._file(call.params[0]).obj())
+            stored = self._file(call.params[0])
+        if stored.fault_key and self.core.faults.peek(("gone",), stored.id, stored.fault_key):
+            raise ApiError(404, f"No such File object: {stored.id}", param="id")
+        return json_reply(stored.obj())
 
     def delete_file(self, call: Call) -> Reply:
         """DELETE /v1/files/{id}."""
@@ -262,7 +271,7 @@ class OpenAIBackend:
         """GET /v1/files/{id}/content: the raw bytes."""
         with self.core.lock:
             stored = self._file(call.params[0])
-        return Reply(body=stored.data, content_type="application/octet-stream")
+        return Reply(body=stored.data, content_type="application/octet-stream", fault_key=stored.fault_key)
 
     def list_files(self, call: Call) -> Reply:
         """GET /v1/files (purpose, limit, after, order)."""
@@ -459,14 +468,22 @@ class OpenAIBackend:
         with self.core.lock:
             batch = self._batch(call.params[0])
             self._advance(batch)
-            return json_reply(batch.obj())
+            return json_reply(self._shown(batch, count=True))
 
     def list_batches(self, call: Call) -> Reply:
         """GET /v1/batches (limit, after), newest first; listing never advances a batch."""
         limit = call.int_arg("limit", 20, 1, 100)
         with self.core.lock:
-            items = [self.batches[bid].obj() for bid in reversed(self.batch_order) if bid in self.batches]
+            items = [self._shown(self.batches[bid]) for bid in reversed(self.batch_order) if bid in self.batches]
         return json_reply(_page(items, call.arg("after"), limit))
+
+    def _shown(self, batch: Batch, count: bool = False) -> dict[str, Any]:
+        """The Batch JSON as a client sees it now; a retrieve (`count`) is one "no_output" injection."""
+        if batch.status not in FINAL_STATUSES or not (batch.output_file_id or batch.error_file_id):
+            return batch.obj()
+        faults = self.core.faults
+        kind = (faults.draw if count else faults.peek)(("no_output",), batch.id, batch.fault_key)
+        return batch.obj(hide_files=kind is not None)
 
     def cancel_batch(self, call: Call) -> Reply:
         """POST /v1/batches/{id}/cancel."""
@@ -611,6 +628,7 @@ class OpenAIBackend:
             purpose="batch_output",
             created_at=stamp,
             expires_at=expires,
+            fault_key=batch.fault_key,
         )
         self.files[stored.id] = stored
         return stored.id

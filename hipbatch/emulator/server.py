@@ -1,15 +1,23 @@
 """LocalBatchServer: a stdlib HTTP/1.1 server on 127.0.0.1 that speaks enough of the OpenAI (files, batches,
-chat) and Anthropic (message batches, messages) APIs for the real SDKs, with seeded fault injection."""
+chat) and Anthropic (message batches, messages) APIs for the real SDKs, with seeded fault injection.
+
+Its control endpoints (/_emulator/stats|config|health, POST reset-stats|complete-all|config) need the server's
+token (`Authorization: Bearer <token>` or `X-Emulator-Token: <token>`; LocalBatchServer.control_token) and
+POSTs must be `Content-Type: application/json`, so a web page the user opens cannot drive them. Request
+bodies over config.max_body_bytes get 413 before they are read."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
+import secrets
 import socket
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
@@ -26,7 +34,8 @@ from hipbatch.emulator.common import (
     new_id,
     rfc3339,
 )
-from hipbatch.emulator.config import FAULT_KINDS, EmulatorConfig
+from hipbatch.emulator.config import FAULT_KINDS, IN_PROCESS_ONLY, EmulatorConfig
+from hipbatch.emulator.faults import BODY_FAULTS, cut_point, mangle
 from hipbatch.emulator.openai_api import OpenAIBackend, retry_headers
 from hipbatch.emulator.stats import EmulatorStats
 
@@ -42,6 +51,20 @@ ANTHROPIC_STATUS_TYPES = {
     500: "api_error",
 }
 ANTHROPIC_ONLY_TYPES = {"not_found_error", "authentication_error", "api_error", "request_too_large"}
+CONTROL_PREFIX = "/_emulator/"
+CONTROL_MAX_BODY_BYTES = 1024 * 1024  # a config change is a few hundred bytes
+TOKEN_RE = re.compile(r"^[!-~]{16,256}$")  # printable ASCII without spaces: it travels in a header
+LINGER_SECONDS = 5.0  # after refusing an unread body, how long to swallow the rest so the client sees the answer
+LINGER_IDLE_SECONDS = 0.5
+
+
+class BodyTooLarge(Exception):
+    """A request body over the server's cap (raised before the body, or the chunk that passes the cap, is read)."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"{size} > {limit}")
+        self.size = size
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -52,7 +75,7 @@ class Route:
     pattern: re.Pattern[str]
     name: str
     provider: str
-    download: bool = False  # a body the "truncate" fault may cut
+    download: bool = False  # a results download: the "truncate" and download_fault faults apply to it
 
 
 def _route(method: str, path: str, name: str, provider: str, download: bool = False) -> Route:
@@ -173,21 +196,30 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     def _serve(self) -> None:
+        emulator = self.server.emulator
+        parts = urlsplit(self.path)
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        refusal = emulator._refuse_unread(self.command, parts.path, headers)
+        if refusal is not None:
+            self._refuse(refusal)
+            return
         try:
-            body = self._read_body()
+            body = self._read_body(emulator._body_limit(parts.path))
+        except BodyTooLarge as exc:
+            self._refuse(emulator._too_large(self.command, parts.path, headers, exc))
+            return
         except (ValueError, OSError):
             self.send_error(400, "Could not read the request body.")
             return
         try:
-            parts = urlsplit(self.path)
             call = Call(
                 method=self.command,
                 path=parts.path,
                 query=parse_qs(parts.query, keep_blank_values=True),
-                headers={name.lower(): value for name, value in self.headers.items()},
+                headers=headers,
                 body=body,
             )
-            reply = self.server.emulator._respond(call)
+            reply = emulator._respond(call)
         except Exception:  # a bug must still answer, never hang the client
             log.exception("emulator handler failed for %s %s", self.command, self.path)
             reply = error_reply(
@@ -207,23 +239,35 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
-    def _read_body(self) -> bytes:
+    def _read_body(self, limit: int) -> bytes:
+        """The request body; BodyTooLarge before reading past `limit` bytes (Content-Length or chunk sizes)."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             chunks: list[bytes] = []
+            total = 0
             while True:
                 size_line = self.rfile.readline(1024)
                 if not size_line:
                     raise ValueError("connection closed inside a chunked body")
                 size = int(size_line.split(b";")[0].strip(), 16)
+                if size < 0:
+                    raise ValueError("negative chunk size")
                 if size == 0:
                     while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                         pass  # trailers
                     return b"".join(chunks)
-                chunks.append(self.rfile.read(size))
+                total += size
+                if total > limit:
+                    raise BodyTooLarge(total, limit)
+                chunk = self.rfile.read(size)
+                if len(chunk) != size:
+                    raise ValueError("connection closed inside a chunk")
+                chunks.append(chunk)
                 self.rfile.readline(1024)
         length = int(self.headers.get("Content-Length") or 0)
         if length < 0:
             raise ValueError("negative Content-Length")
+        if length > limit:
+            raise BodyTooLarge(length, limit)
         data = self.rfile.read(length) if length else b""
         if len(data) != length:
             raise ValueError("connection closed inside the body")
@@ -238,14 +282,48 @@ class _Handler(BaseHTTPRequestHandler):
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
+        if reply.cut_at is not None:  # injected "cut": part of the promised body, then hang up
+            self.close_connection = True
+            self.wfile.write(reply.body[: reply.cut_at])
+            self.wfile.flush()
+            return
         self.wfile.write(reply.body)
         self.wfile.flush()
 
+    def _refuse(self, reply: Reply) -> None:
+        """Answer without reading the body, then swallow what the client still sends (bounded) and hang up:
+        closing at once would reset the connection and the client would never see the answer."""
+        self.close_connection = True
+        try:
+            self._write(reply)
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_IDLE_SECONDS)
+            deadline = time.monotonic() + LINGER_SECONDS
+            while time.monotonic() < deadline and self.rfile.read1(1 << 16):
+                pass
+        except OSError:  # including the idle timeout
+            pass
+
 
 class LocalBatchServer:
-    """Local OpenAI + Anthropic batch server for tests and demos; bound at construction, served by start()."""
+    """Local OpenAI + Anthropic batch server for tests and demos; bound at construction, served by start().
 
-    def __init__(self, port: int = 0, config: EmulatorConfig | None = None, host: str = "127.0.0.1") -> None:
+    `control_token` guards the /_emulator/ endpoints (default: a fresh random one, read it back from
+    `server.control_token`); `control=False` turns them off. In-process users need neither: they use
+    `server.config`, `server.stats` and `server.complete_all()` directly."""
+
+    def __init__(
+        self,
+        port: int = 0,
+        config: EmulatorConfig | None = None,
+        host: str = "127.0.0.1",
+        control_token: str | None = None,
+        control: bool = True,
+    ) -> None:
+        if control_token is not None and not TOKEN_RE.match(control_token):
+            raise ValueError("--control-token needs 16 to 256 printable ASCII characters without spaces")
+        self.control_token = control_token if control_token is not None else secrets.token_urlsafe(32)
+        self.control_enabled = control
         self.stats = EmulatorStats()
         self.core = Core(config or EmulatorConfig(), self.stats)
         self.openai = OpenAIBackend(self.core)
@@ -342,6 +420,30 @@ class LocalBatchServer:
     ) -> None:
         self.stop()
 
+    def banner(self, show_token: bool = True) -> str:
+        """What `hipbatch emulator` prints at start: the environment to point clients here, the control token."""
+        lines = [
+            f"hipbatch emulator on {self.url}",
+            f"  OPENAI_BASE_URL={self.openai_base_url} OPENAI_API_KEY=test",
+            f"  ANTHROPIC_BASE_URL={self.anthropic_base_url} ANTHROPIC_API_KEY=test",
+        ]
+        if self.control_enabled:
+            token = self.control_token if show_token else "<the token you gave>"
+            change = """'{"download_fault": "short"}'"""
+            lines += [
+                f"Control endpoints need the token {token}, e.g.:",
+                f"  curl -H 'Authorization: Bearer {token}' {self.url}/_emulator/stats",
+                f"  curl -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d {change} "
+                f"{self.url}/_emulator/config",
+            ]
+        else:
+            lines.append("Control endpoints off (--no-control).")
+        return "\n".join([*lines, "Ctrl-C to stop."])
+
+    def control_headers(self) -> dict[str, str]:
+        """Headers a control request needs: the token and the JSON content type."""
+        return {"Authorization": f"Bearer {self.control_token}", "Content-Type": "application/json"}
+
     def complete_all(self) -> None:
         """Move every unfinished batch of both providers to its final state now."""
         self.openai.complete_all()
@@ -356,14 +458,69 @@ class LocalBatchServer:
 
     # ---- dispatch ----------------------------------------------------------------------------------------
 
-    def _respond(self, call: Call) -> Reply | None:
-        """The answer to one request, or None to drop the connection."""
-        if call.path.startswith("/_emulator/"):
-            return self._internal(call)
-        route, params, path_known = self._match(call.method, call.path)
+    def _refuse_unread(self, method: str, path: str, headers: dict[str, str]) -> Reply | None:
+        """The answer to a control request refused before its body is read (off, token, content type), or None."""
+        if not path.startswith(CONTROL_PREFIX):
+            return None
+        if not self.control_enabled:
+            self.stats.refuse("control_off")
+            return error_reply(
+                ApiError(404, "The emulator's control endpoints are off (started with --no-control)."), "openai"
+            )
+        auth = headers.get("authorization", "")
+        given = headers.get("x-emulator-token", "").strip() or (
+            auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+        )
+        if not given:
+            self.stats.refuse("control_no_token")
+            err = ApiError(
+                401,
+                "The emulator's control endpoints need its token (printed when it starts): send "
+                "'Authorization: Bearer <token>' or 'X-Emulator-Token: <token>'.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            return error_reply(err, "openai")
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), self.control_token.encode("utf-8")):
+            self.stats.refuse("control_bad_token")
+            return error_reply(ApiError(403, "Wrong emulator control token."), "openai")
+        media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if method != "GET" and media_type != "application/json":
+            self.stats.refuse("control_not_json")
+            return error_reply(
+                ApiError(415, "Control requests other than GET must be sent as Content-Type: application/json."),
+                "openai",
+            )
+        return None
+
+    def _body_limit(self, path: str) -> int:
+        """Largest request body accepted on `path`."""
+        limit = self.config.max_body_bytes
+        return min(limit, CONTROL_MAX_BODY_BYTES) if path.startswith(CONTROL_PREFIX) else limit
+
+    def _too_large(self, method: str, path: str, headers: dict[str, str], exc: BodyTooLarge) -> Reply:
+        """413 for a body over the cap, in the shape of the provider the path belongs to."""
+        self.stats.refuse("body_too_large")
+        err = ApiError(
+            413,
+            f"Request body is over {exc.limit} bytes (at least {exc.size}); this server accepts at most {exc.limit}.",
+            type="request_too_large",
+        )
+        return error_reply(err, self._provider(self._match(method, path)[0], headers))
+
+    @staticmethod
+    def _provider(route: Route | None, headers: dict[str, str]) -> str:
+        """Whose conventions an answer follows: the route's, or by header for routes both providers share."""
         provider = route.provider if route else "either"
         if provider == "either":
-            provider = "anthropic" if "anthropic-version" in call.headers else "openai"
+            provider = "anthropic" if "anthropic-version" in headers else "openai"
+        return provider
+
+    def _respond(self, call: Call) -> Reply | None:
+        """The answer to one request, or None to drop the connection."""
+        if call.path.startswith(CONTROL_PREFIX):
+            return self._internal(call)
+        route, params, path_known = self._match(call.method, call.path)
+        provider = self._provider(route, call.headers)
         call.provider = provider
         call.params = params
         route_name = route.name if route else "unknown"
@@ -387,6 +544,9 @@ class LocalBatchServer:
             reply = self._handlers[route.name](call)
         except ApiError as err:
             reply = error_reply(err, provider)
+        if route is not None and route.download and reply.status == 200:
+            self.stats.download(route.name)
+            reply = self._download_fault(call, reply)
         id_header = "request-id" if provider == "anthropic" else "x-request-id"
         reply.headers.setdefault(id_header, new_id("req_"))
         if fault == "truncate":
@@ -423,6 +583,42 @@ class LocalBatchServer:
                 )
         elif not bearer:
             raise ApiError(401, "Missing API key", code="invalid_api_key")
+        if self.core.faults.key_rotated():
+            if call.provider == "anthropic":
+                raise ApiError(
+                    401,
+                    "invalid x-api-key (rotated: injected by the emulator's auth_after)",
+                    type="authentication_error",
+                )
+            raise ApiError(
+                401,
+                "Incorrect API key provided (rotated: injected by the emulator's auth_after).",
+                code="invalid_api_key",
+            )
+
+    def _download_fault(self, call: Call, reply: Reply) -> Reply:
+        """`reply` (a download) changed by the configured download fault, if it is due for this target."""
+        target = "/".join(call.params)
+        faults = self.core.faults
+        kind = faults.peek(BODY_FAULTS | {"gone"}, target, reply.fault_key)
+        if kind is None:
+            return reply
+        if kind == "gone":
+            message = (
+                f"No such object: {target}; its results are no longer available (injected: download_fault='gone')."
+            )
+            changed = error_reply(ApiError(404, message, type="not_found_error", param="id"), call.provider)
+        elif kind == "cut":
+            at = cut_point(reply.body)
+            if at is None:
+                return reply
+            changed = replace(reply, cut_at=at)
+        else:
+            body = mangle(kind, reply.body)
+            if body is None:
+                return reply
+            changed = replace(reply, body=body)
+        return changed if faults.take(kind, target) else reply
 
     def _draw_fault(self, route_name: str) -> str | None:
         cfg = self.config
@@ -507,6 +703,12 @@ class LocalBatchServer:
         if action == ("POST", "config"):
             try:
                 changes = json.loads(call.body or b"{}")
+                if not isinstance(changes, dict):
+                    raise ValueError("send a JSON object of the config fields to change")
+                locked = sorted(IN_PROCESS_ONLY & set(changes))
+                if locked:
+                    message = f"{', '.join(locked)} can only be set in-process (LocalBatchServer config), not here."
+                    return error_reply(ApiError(403, message), "openai")
                 self.config.update(changes)
             except (ValueError, TypeError, AttributeError) as exc:
                 return error_reply(ApiError(400, str(exc)), "openai")

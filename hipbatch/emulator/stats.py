@@ -5,7 +5,19 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
+
+
+@dataclass(slots=True)
+class Billed:
+    """What the server billed for one custom_id (or live key): answers produced and their usage."""
+
+    answers: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 class EmulatorStats:
@@ -21,6 +33,9 @@ class EmulatorStats:
         self.live_calls: Counter[str] = Counter()  # live key (sha256 of the messages) -> calls answered
         self.faults: Counter[str] = Counter()  # fault kind -> times injected
         self.hits: Counter[str] = Counter()  # route name -> requests received
+        self.downloads: Counter[str] = Counter()  # download route name -> 200 answers its handler produced
+        self.refused: Counter[str] = Counter()  # reason -> requests refused before their body was read
+        self.billed_per_custom_id: dict[str, Billed] = {}  # custom_id (or live key) -> billed answers and usage
         self.input_tokens = 0
         self.output_tokens = 0
         self.cache_read_tokens = 0
@@ -34,6 +49,9 @@ class EmulatorStats:
             self.batches_created_by_provider = {}
             for counter in (self.sent, self.answered, self.live_calls, self.faults, self.hits):
                 counter.clear()
+            self.downloads.clear()
+            self.refused.clear()
+            self.billed_per_custom_id = {}
             self.input_tokens = self.output_tokens = 0
             self.cache_read_tokens = self.cache_write_tokens = 0
 
@@ -46,6 +64,16 @@ class EmulatorStats:
         """Count one injected fault."""
         with self.lock:
             self.faults[kind] += 1
+
+    def download(self, route: str) -> None:
+        """Count one download its handler answered (before any download fault changed it)."""
+        with self.lock:
+            self.downloads[route] += 1
+
+    def refuse(self, reason: str) -> None:
+        """Count one request refused before its body was read."""
+        with self.lock:
+            self.refused[reason] += 1
 
     def file_uploaded(self) -> None:
         """Count one upload."""
@@ -69,6 +97,14 @@ class EmulatorStats:
         """Count one billed reply and its usage."""
         with self.lock:
             self.answered[key] += 1
+            billed = self.billed_per_custom_id.get(key)
+            if billed is None:
+                billed = self.billed_per_custom_id[key] = Billed()
+            billed.answers += 1
+            billed.input_tokens += input_tokens
+            billed.output_tokens += output_tokens
+            billed.cache_read_tokens += cache_read
+            billed.cache_write_tokens += cache_write
             self.input_tokens += input_tokens
             self.output_tokens += output_tokens
             self.cache_read_tokens += cache_read
@@ -78,6 +114,11 @@ class EmulatorStats:
         """Count one answered live call."""
         with self.lock:
             self.live_calls[key] += 1
+
+    def billed_twice(self) -> list[str]:
+        """Keys the server produced (and billed) more than one answer for, sorted."""
+        with self.lock:
+            return sorted(key for key, billed in self.billed_per_custom_id.items() if billed.answers > 1)
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready snapshot."""
@@ -91,6 +132,9 @@ class EmulatorStats:
                 "live_calls": dict(self.live_calls),
                 "faults": dict(self.faults),
                 "hits": dict(self.hits),
+                "downloads": dict(self.downloads),
+                "refused": dict(self.refused),
+                "billed_per_custom_id": {key: asdict(b) for key, b in self.billed_per_custom_id.items()},
                 "input_tokens": self.input_tokens,
                 "output_tokens": self.output_tokens,
                 "cache_read_tokens": self.cache_read_tokens,

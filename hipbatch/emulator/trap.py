@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 from hipbatch.emulator.common import Call, Reply
-from hipbatch.emulator.server import LocalBatchServer
+from hipbatch.emulator.server import CONTROL_PREFIX, LocalBatchServer
 
 
 class TrapServer(LocalBatchServer):
@@ -43,7 +43,7 @@ class TrapServer(LocalBatchServer):
             pass
 
     def _respond(self, call: Call) -> Reply | None:
-        if not call.path.startswith("/_emulator/"):
+        if not call.path.startswith(CONTROL_PREFIX):  # control calls are not the client's
             with self._trap:
                 pid = self.victim
                 self.calls += 1
