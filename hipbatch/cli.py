@@ -37,6 +37,7 @@ class ProviderName(StrEnum):
 class Format(StrEnum):
     json = "json"
     jsonl = "jsonl"
+    parquet = "parquet"
 
 
 class RetryReason(StrEnum):
@@ -58,7 +59,8 @@ TemplateDir = Annotated[Path, typer.Option(help="Template folder.")]
 Glob = Annotated[str, typer.Option("--glob", help="Files to take, relative to INPUT_DIR.")]
 Limit = Annotated[int | None, typer.Option(min=1, help="Take only the first N files (sorted).")]
 OutputFile = Annotated[Path, typer.Option(help="Dataset file.")]
-FormatOpt = Annotated[Format, typer.Option("--format", help="json (one array) or jsonl.")]
+FormatOpt = Annotated[Format, typer.Option("--format", help="json (one array), jsonl, or parquet (needs pyarrow).")]
+Fields = Annotated[str | None, typer.Option(help="Keys of each record, e.g. file_name,english_prompt (default: all).")]
 Force = Annotated[
     bool, typer.Option("--force", help="Resubmit shards whose earlier submit cannot be told apart at the provider.")
 ]
@@ -127,17 +129,11 @@ def submit(
     ] = None,
     max_in_flight_batches: MaxInFlight = None,
     max_enqueued_tokens: MaxTokens = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Render and write shards only: no network, no key.")
-    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the shards only: no network, no key.")] = False,
     force: Force = False,
     max_cost: Annotated[
         float | None,
-        typer.Option(
-            "--max-cost",
-            min=0,
-            help="Budget in USD: refuse, before any upload, when the estimated worst case is over it.",
-        ),
+        typer.Option("--max-cost", min=0, help="USD budget: refuse before any upload if the worst case is over it."),
     ] = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -212,13 +208,14 @@ def collect(
     reextract: Annotated[
         bool, typer.Option("--reextract", help="Re-run the extractor over stored replies (no network).")
     ] = False,
+    fields: Fields = None,
     json_out: JsonOut = False,
 ) -> None:
     """Download finished batches, extract the prompts and write the dataset.
 
     Example: hipbatch collect --wait --poll-interval 60 --output-file data/prompts.json
     """
-    opts = ops.CollectOptions(output_file, format.value, job, wait, poll_interval, timeout, reextract)
+    opts = ops.CollectOptions(output_file, format.value, job, wait, poll_interval, timeout, reextract, fields)
     summary = ops.collect(ctx.obj, opts, Out(quiet=json_out))
     if json_out:
         print_json(summary)
@@ -240,6 +237,7 @@ def drain(
         int | None,
         typer.Option(min=1, help="Estimated input tokens enqueued per model at once (default: config, else no limit)."),
     ] = None,
+    fields: Fields = None,
     json_out: JsonOut = False,
 ) -> None:
     """Send queued shards as capacity frees and collect batches as they finish, until nothing is left.
@@ -250,8 +248,9 @@ def drain(
     Example: hipbatch drain --max-enqueued-tokens 2000000 --poll-interval 60
     """
     opts = ops.CollectOptions(
-        output_file, format.value, job, True, poll_interval, timeout, False, max_in_flight_batches, max_enqueued_tokens
-    )
+        output_file, format.value, job, True, poll_interval, timeout, False, fields,
+        max_in_flight_batches, max_enqueued_tokens,
+    )  # fmt: skip
     summary = ops.collect(ctx.obj, opts, Out(quiet=json_out))
     if json_out:
         print_json(summary)

@@ -1,43 +1,134 @@
 """The dataset file: written atomically (temp file, fsync, rename), streamed from the ledger sorted by file
-name, so an existing file is only ever replaced by a complete one."""
+name, so an existing file is only ever replaced by a complete one, and never by an empty one.
+
+Formats: json (one array), jsonl, parquet (with the optional `pyarrow`: `pip install 'hipbatch[parquet]'`).
+`fields` picks the record's keys (the seed's format is `file_name,english_prompt`).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
 
+from hipbatch.errors import UsageError
 from hipbatch.store import Store
 
+FORMATS = ("json", "jsonl", "parquet")
+#: Every field a record can have, in the order of the default record.
+FIELDS = ("file_name", "english_prompt", "custom_id", "provider", "model", "job", "via")
+PARQUET_ROWS = 10_000  # rows per parquet row group: memory stays flat
 
-def write_dataset(store: Store, output: Path, fmt: str = "json", job: str | None = None) -> int:
-    """Write the dataset atomically (temp file + rename), streamed from the store; returns records."""
+
+@dataclass(frozen=True)
+class Written:
+    """What writing the dataset did: the records in the new file, or why the old file was left as it was."""
+
+    records: int
+    replaced: bool = True
+    kept_because: str | None = None  # set when an existing file was left untouched
+
+
+def parse_fields(text: str | None) -> tuple[str, ...] | None:
+    """`--fields file_name,english_prompt` -> the field names (None: the default record)."""
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in FIELDS]
+    if unknown or not names:
+        raise UsageError(f"--fields {text}: unknown field {unknown[0] if unknown else '(none)'}; use any of "
+                         f"{', '.join(FIELDS)}")  # fmt: skip
+    if len(set(names)) != len(names):
+        raise UsageError(f"--fields {text}: a field is named twice")
+    return names
+
+
+def write_dataset(
+    store: Store, output: Path, fmt: str = "json", job: str | None = None, fields: Sequence[str] | None = None
+) -> Written:
+    """Write the dataset atomically, streamed from the store. An existing file that holds records is never
+    replaced by one with none (the store holds nothing for it: a wrong --state-dir or --job, a fresh store)."""
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
     output.parent.mkdir(parents=True, exist_ok=True)
     for stale in output.parent.glob(f".{output.name}.*.part"):
         stale.unlink(missing_ok=True)  # left by a killed run; callers hold the state-dir lock
     part = output.with_name(f".{output.name}.{os.getpid()}.part")
-    n = 0
     try:
-        with part.open("w", encoding="utf-8") as fh:
-            if fmt == "json":
-                fh.write("[")
-            for text in _record_lines(store, job):
-                if fmt == "json":
-                    fh.write(("\n  " if n == 0 else ",\n  ") + text)
-                else:
-                    fh.write(text + "\n")
-                n += 1
-            if fmt == "json":
-                fh.write("\n]\n" if n else "]\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        n = _write_parquet(store, part, job, fields) if fmt == "parquet" else _write_text(store, part, fmt, job, fields)
+        if n == 0 and _has_records(output, fmt):
+            return Written(0, replaced=False, kept_because=f"{store.state_dir} holds no records for it")
         os.replace(part, output)
     finally:
         part.unlink(missing_ok=True)
+    return Written(n)
+
+
+def _write_text(store: Store, part: Path, fmt: str, job: str | None, fields: Sequence[str] | None) -> int:
+    n = 0
+    with part.open("w", encoding="utf-8") as fh:
+        if fmt == "json":
+            fh.write("[")
+        lines = _record_lines(store, job) if fields is None else (record_json(r) for r in _records(store, job, fields))
+        for text in lines:
+            if fmt == "json":
+                fh.write(("\n  " if n == 0 else ",\n  ") + text)
+            else:
+                fh.write(text + "\n")
+            n += 1
+        if fmt == "json":
+            fh.write("\n]\n" if n else "]\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     return n
+
+
+def _write_parquet(store: Store, part: Path, job: str | None, fields: Sequence[str] | None) -> int:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError("--format parquet needs pyarrow: pip install 'hipbatch[parquet]'") from None
+    names = list(fields or FIELDS)
+    schema = pa.schema([(name, pa.string()) for name in names])
+    n = 0
+    with pq.ParquetWriter(str(part), schema) as writer:
+        batch: list[dict[str, Any]] = []
+        for record in _records(store, job, names):
+            batch.append(record)
+            if len(batch) >= PARQUET_ROWS:
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+                n, batch = n + len(batch), []
+        if batch or n == 0:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+            n += len(batch)
+    with part.open("rb") as fh:
+        os.fsync(fh.fileno())
+    return n
+
+
+def _has_records(path: Path, fmt: str) -> bool:
+    """Whether an existing dataset file holds at least one record (reading only its first bytes)."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    if fmt == "parquet" or head.startswith(b"PAR1"):
+        try:
+            import pyarrow.parquet as pq
+
+            return bool(pq.ParquetFile(str(path)).metadata.num_rows)
+        except Exception:  # not readable as parquet: keep it, it may hold records
+            return bool(head)
+    text = head.lstrip()
+    if text.startswith(b"["):
+        return bool(text[1:].lstrip()) and not text[1:].lstrip().startswith(b"]")
+    return bool(text)
 
 
 def record_json(record: dict[str, Any]) -> str:
@@ -49,8 +140,19 @@ def record_json(record: dict[str, Any]) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
+def _records(store: Store, job: str | None, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
+    """Records holding just `fields`, in file-name order."""
+    order = Store.DATASET_COLUMNS  # ("job", "file_name", "english_prompt", "custom_id", "provider", "model", "via")
+    at = [order.index(f) for f in fields]
+    for row in store.dataset_tuples(job):
+        record = {f: row[i] for f, i in zip(fields, at, strict=True)}
+        if "via" in record:
+            record["via"] = record["via"] or "batch"
+        yield record
+
+
 def _record_lines(store: Store, job: str | None) -> Iterator[str]:
-    """record_json of each record, without a dict per record: the columns that repeat (provider, model,
+    """record_json of each default record, without a dict per record: the columns that repeat (provider, model,
     job, via) are encoded once per combination."""
     tails: dict[tuple[Any, ...], str] = {}
     for job_name, file_name, prompt, custom_id, provider, model, via in store.dataset_tuples(job):

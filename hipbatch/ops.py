@@ -8,7 +8,6 @@ prints. Nothing here parses arguments or formats tables.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -215,6 +214,7 @@ class CollectOptions:
     poll_interval: float = 60.0
     timeout: float | None = None
     reextract: bool = False
+    fields: str | None = None  # the record's keys, comma-separated (default: the full record)
     max_in_flight_batches: int | None = None
     max_enqueued_tokens: int | None = None
 
@@ -224,8 +224,15 @@ def collect(ctx: Context, opts: CollectOptions, out: Out, kept: Windows | None =
     `kept`: capacity windows to use (and keep shrunk or grown) across polls, else built from the options."""
     from hipbatch import cost
     from hipbatch.collect import reextract
+    from hipbatch.dataset import parse_fields
 
+    parse_fields(opts.fields)  # a bad --fields fails before any network call
+    if not (ctx.state_dir / "hipbatch.db").exists():
+        # Nothing was ever submitted from here: write nothing (an existing dataset stays as it is).
+        out.note(f"No hipbatch state in {ctx.state_dir}: nothing to collect, {opts.output_file} left as it was.")
+        return {"output_file": str(opts.output_file), "records": 0, "written": False, "state_dir": str(ctx.state_dir)}
     store = ctx.store()
+    _check_job(store, ctx.state_dir, opts.job)
     summary: dict[str, Any] = {}
     prices = None
     if opts.reextract:
@@ -280,10 +287,10 @@ def _poller(
 
 def _write_dataset(store: Store, opts: CollectOptions, prices: PriceTable | None, out: Out) -> dict[str, Any]:
     from hipbatch import cost
-    from hipbatch.dataset import write_dataset
+    from hipbatch.dataset import parse_fields, write_dataset
 
     with locked(store):
-        records = write_dataset(store, opts.output_file, opts.format, opts.job)
+        written = write_dataset(store, opts.output_file, opts.format, opts.job, parse_fields(opts.fields))
         counts = store.request_counts(opts.job)
         reasons = store.failure_reasons(opts.job)
         skipped = store.skipped_files(opts.job)
@@ -291,7 +298,9 @@ def _write_dataset(store: Store, opts: CollectOptions, prices: PriceTable | None
     pending = counts.get("pending", 0) + counts.get("submitted", 0)
     summary = {
         "output_file": str(opts.output_file),
-        "records": records,
+        "records": written.records,
+        "written": written.replaced,
+        "kept_because": written.kept_because,
         "succeeded": counts.get("succeeded", 0),
         "failed": sum(reasons.values()),
         "failed_by_reason": reasons,
@@ -452,9 +461,9 @@ def run(ctx: Context, opts: RunOptions, out: Out, show_progress: bool = False) -
             opts.max_tokens_per_minute, show_progress=show_progress,
         )  # fmt: skip
         cost.settle(store, cost.load_prices(config))
-        records = write_dataset(store, opts.output_file, opts.format)
-    out.ran(result, str(opts.output_file), records)
-    return {**asdict(result), "output_file": str(opts.output_file), "records": records}
+        written = write_dataset(store, opts.output_file, opts.format)
+    out.ran(result, str(opts.output_file), written.records)
+    return {**asdict(result), "output_file": str(opts.output_file), "records": written.records}
 
 
 # ---- demo and the emulator ------------------------------------------------------------------------
@@ -476,6 +485,8 @@ def demo(
     show_cost: Callable[[Ledger], None],
 ) -> DemoResult:
     """submit, status, collect, cost and report on the bundled examples against an in-process local server."""
+    import tempfile
+
     from hipbatch.emulator import EmulatorConfig, LocalBatchServer
     from hipbatch.render import REPO_ROOT
 

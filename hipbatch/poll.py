@@ -11,11 +11,12 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-from tenacity import AttemptManager, RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hipbatch.errors import TransientError
+
+if TYPE_CHECKING:  # tenacity loads on the first retry, not with every command (`--help` stays fast)
+    from tenacity import AttemptManager, RetryCallState, Retrying
 
 T = TypeVar("T")
 Sleep = Callable[[float], None]
@@ -96,6 +97,7 @@ def policy(
     give_up() ends the retries early (a stopping run); no_wait(error) skips the back-off for errors that are
     waited for elsewhere (a 429 in live mode holds the shared gate instead).
     """
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
     def stop(state: RetryCallState) -> bool:
         return bool(give_up and give_up()) or stop_after_attempt(rule.attempts)(state)

@@ -142,11 +142,14 @@ class Out:
             err(f"Stopped waiting after {timeout}s; {last.unfinished} batch(es) still running.")
 
     def collect_summary(self, summary: dict[str, Any], spent: dict[str, Any] | None) -> None:
+        if not summary["written"]:  # said even with --json: the user expected a new file
+            self.warn(f"left {summary['output_file']} as it was: {summary['kept_because']} (nothing would replace it)")
         if self.quiet:
             return
         from hipbatch.cost import usd
 
-        err(f"Wrote {summary['records']} records to {summary['output_file']}")
+        if summary["written"]:
+            err(f"Wrote {summary['records']} records to {summary['output_file']}")
         err(
             f"succeeded {summary['succeeded']}, failed {summary['failed']}, pending {summary['pending']}"
             + (f", skipped files {summary['skipped_files']}" if summary["skipped_files"] else "")

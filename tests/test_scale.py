@@ -210,7 +210,7 @@ def _traced_collect(tmp_path: Path, n: int) -> tuple[int, int]:
     adapters = Adapters(load_config(None))
     tracemalloc.start()
     report = collect_batches(store, adapters)
-    written = write_dataset(store, tmp_path / f"out-{n}.json")
+    written = write_dataset(store, tmp_path / f"out-{n}.json").records
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert report.lines == n and written == n
