@@ -139,7 +139,9 @@ _INTERJECTION = re.compile(
     rf"\A[\s*_]*(?:{'|'.join(re.escape(w) for w in INTERJECTIONS)})[\s!.,:;*_—–-]*\Z", re.IGNORECASE
 )
 _SIGNOFF = re.compile(rf"\A[\s*_>(-]*(?:{'|'.join(SIGNOFF_PHRASES)})", re.IGNORECASE)
-_HEADING = re.compile(r"\A[ \t]*(?:#{1,6}[ \t]+|\*\*|__)(?P<text>[^\n*_#]{1,80}?)[ \t]*[*_]*[ \t]*:?[*_]*[ \t]*(?:\n|\Z)")
+_HEADING = re.compile(
+    r"\A[ \t]*(?:#{1,6}[ \t]+|\*\*|__)(?P<text>[^\n*_#]{1,80}?)[ \t]*[*_]*[ \t]*:?[*_]*[ \t]*(?:\n|\Z)"
+)
 _INTERJECTION_START = re.compile(rf"(?:{'|'.join(re.escape(w) for w in INTERJECTIONS)})(?![\w'’])")
 _INNER_APOSTROPHE = re.compile(r"(?<=\w)['’](?=\w)")
 _FENCES = ("```", "~~~")
@@ -427,9 +429,7 @@ def _clean(text: str, settings: ExtractSettings) -> tuple[str, str]:
 
 
 def _is_refusal(text: str) -> bool:
-    return len(text) < REFUSAL_MAX_CHARS and (
-        _REFUSAL.match(text) is not None or _REFUSAL_ANY.search(text) is not None
-    )
+    return len(text) < REFUSAL_MAX_CHARS and (_REFUSAL.match(text) is not None or _REFUSAL_ANY.search(text) is not None)
 
 
 def _suspects(prompt: str, settings: ExtractSettings) -> tuple[str, ...]:

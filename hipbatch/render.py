@@ -139,7 +139,7 @@ def output_settings(table: Any, path: Path, toml_path: Path) -> tuple[dict[str, 
         raise TemplateError(f"{toml_path}: [output] format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
     if fmt == "text":
         if set(table) - {"format"}:
-            raise TemplateError(f"{toml_path}: [output] field, name and schema_file need format = \"json\"")
+            raise TemplateError(f'{toml_path}: [output] field, name and schema_file need format = "json"')
         return None, None
     field = table.get("field", DEFAULT_JSON_FIELD)
     if not isinstance(field, str) or not field.strip():
@@ -164,14 +164,14 @@ def _load_schema(schema_path: Path, field: str) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as e:
         raise TemplateError(f"{schema_path}: not valid JSON ({e})") from None
     if not isinstance(schema, dict) or schema.get("type") != "object":
-        raise TemplateError(f"{schema_path}: the schema must describe an object (\"type\": \"object\")")
+        raise TemplateError(f'{schema_path}: the schema must describe an object ("type": "object")')
     properties = schema.get("properties")
     prop = properties.get(field) if isinstance(properties, dict) else None
     if not isinstance(prop, dict) or prop.get("type") != "string":
         raise TemplateError(f"{schema_path}: the schema must declare {field!r} as a string property")
     required = schema.get("required")
     if not isinstance(required, list) or field not in required:
-        raise TemplateError(f"{schema_path}: {field!r} must be listed in \"required\"")
+        raise TemplateError(f'{schema_path}: {field!r} must be listed in "required"')
     return schema
 
 

@@ -468,9 +468,8 @@ def test_methods_of_each_form() -> None:
     assert extract(f"```\n{PROMPT}\n```").method == "fenced"
     assert extract(f"Prompt: {PROMPT}").method == "label"
     assert extract(PROMPT).method == "whole"
-    assert extract(f'{{"english_prompt": "{PROMPT}"}}', settings=ExtractSettings(json_field="english_prompt")).method == (
-        "json"
-    )
+    as_json = ExtractSettings(json_field="english_prompt")
+    assert extract(f'{{"english_prompt": "{PROMPT}"}}', settings=as_json).method == "json"
 
 
 def test_clean_prompts_have_no_suspects() -> None:
