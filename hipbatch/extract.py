@@ -120,7 +120,11 @@ SIGNOFF_PHRASES = (
     r"happy\s+to\s+(?:adjust|help|refine|tweak|revise|expand|change)\b",
     r"(?:this|the\s+above|that)\s+prompt\s+(?:should|will|captures|covers|includes|describes|reflects|asks)\b",
     r"good\s+luck\b",
+    r"notes?:\s+i\b",  # "Note: I focused on ..." (a note in the first person is about the answer)
 )
+#: A preamble phrase ending its line with "." or "!" ("Below is the prompt.") is dropped only when a blank line
+#: follows it and the line is at most this long.
+PREAMBLE_SENTENCE_MAX_CHARS = 160
 #: Quote pairs that may wrap the whole prompt; they are dropped when nothing inside closes them early.
 WRAPPING_QUOTES = {'"': '"', "“": "”", "„": "“", "«": "»", "'": "'", "‘": "’"}
 _CLOSING_QUOTES = frozenset(WRAPPING_QUOTES.values())
@@ -142,8 +146,11 @@ _SIGNOFF = re.compile(rf"\A[\s*_>(-]*(?:{'|'.join(SIGNOFF_PHRASES)})", re.IGNORE
 _HEADING = re.compile(
     r"\A[ \t]*(?:#{1,6}[ \t]+|\*\*|__)(?P<text>[^\n*_#]{1,80}?)[ \t]*[*_]*[ \t]*:?[*_]*[ \t]*(?:\n|\Z)"
 )
+_INTERJECTION_INITIALS = frozenset(w[0] for w in INTERJECTIONS) | frozenset(w[0].upper() for w in INTERJECTIONS)
 _INTERJECTION_START = re.compile(rf"(?:{'|'.join(re.escape(w) for w in INTERJECTIONS)})(?![\w'’])")
 _INNER_APOSTROPHE = re.compile(r"(?<=\w)['’](?=\w)")
+_RULE_LINE = re.compile(r"[ \t]*(?:(?:-[ \t]*){3,}|(?:\*[ \t]*){3,}|(?:_[ \t]*){3,})")  # markdown thematic break
+_QUOTE_MARKER = re.compile(r"^>[ \t]?", re.MULTILINE)
 _FENCES = ("```", "~~~")
 _MARKUP = "#*_>"  # markdown heading, bold/italic and quote markers that may open a label line
 _FENCE_AFTER_NEWLINE = re.compile(r"\n[ \t]*(?:```|~~~)")
@@ -379,11 +386,38 @@ def _drop_preamble(text: str) -> str:
     end = _preamble_end(line)
     if end < 0:
         return text
-    if line.rstrip(" \t*_").endswith(":"):
+    tail = line.rstrip(" \t*_")
+    if tail.endswith(":"):
         return rest.strip()
     colon = line.find(":", end)
     if 0 <= colon <= end + 40:
         return (line[colon + 1 :].strip(" \t*_") + "\n" + rest).strip()  # "Here is the prompt: Write ..."
+    if tail.endswith((".", "!")) and len(line) <= PREAMBLE_SENTENCE_MAX_CHARS and not rest.partition("\n")[0].strip():
+        return rest.strip()  # "Below is the prompt." then a blank line
+    return text
+
+
+def _drop_markup(text: str) -> str:
+    """`text` without horizontal rules at its start or end and without a blockquote marker on every line.
+
+    One scan from each end with offsets (no copy per line), so a reply of 10^5 rule lines stays linear.
+    """
+    start = 0
+    while True:
+        end = text.find("\n", start)
+        if end < 0 or not (_RULE_LINE.fullmatch(text, start, end) or not text[start:end].strip()):
+            break
+        start = end + 1
+    stop = len(text)
+    while stop > start:
+        cut = text.rfind("\n", start, stop)
+        if cut < 0 or not (_RULE_LINE.fullmatch(text, cut + 1, stop) or not text[cut + 1 : stop].strip()):
+            break
+        stop = cut
+    if start or stop < len(text):
+        text = text[start:stop].strip()
+    if text.startswith(">") and all(not ln.strip() or ln.lstrip().startswith(">") for ln in text.split("\n")):
+        text = _QUOTE_MARKER.sub("", text).strip()
     return text
 
 
@@ -414,15 +448,16 @@ def _unquote(text: str) -> str:
 
 
 def _clean(text: str, settings: ExtractSettings) -> tuple[str, str]:
-    """Drop a preamble, a leading label, sign-offs and wrapping quotes (repeatedly: they nest); the method."""
+    """Drop a preamble, a leading label, sign-offs, horizontal rules, blockquote markers and wrapping quotes
+    (repeatedly: they nest); also return the method."""
     method = METHOD_WHOLE
     for _ in range(3):
         before = text
-        text = _drop_preamble(text)
+        text = _drop_markup(_drop_preamble(text))
         rest = _after_label(text, settings)
         if rest is not None:
             text, method = rest, METHOD_LABEL
-        text = _unquote(_drop_signoff(text))
+        text = _unquote(_drop_markup(_drop_signoff(text)))
         if text == before:
             break
     return text, method
@@ -437,17 +472,15 @@ def _suspects(prompt: str, settings: ExtractSettings) -> tuple[str, ...]:
     found = []
     if _has_fence_line(prompt):
         found.append(SUSPECT_FENCE_LINE)
-    if _after_label(prompt[:CHATTER_MAX_CHARS], settings) is not None:
+    if _after_label(prompt, settings) is not None:  # anchored at the start: cost independent of the length
         found.append(SUSPECT_LABEL)
     if prompt[0] in WRAPPING_QUOTES and prompt[-8:].rstrip(".!?,;: \t\n")[-1:] in _CLOSING_QUOTES:
         found.append(SUSPECT_WRAPPING_QUOTE)
-    line = _first_line(prompt[:SUSPECT_HEAD_CHARS])[0]
-    low = line.lower()
-    tail = prompt[-CHATTER_MAX_CHARS:]
-    tail = tail[tail.rfind("\n") + 1 :]
+    line = prompt[:SUSPECT_HEAD_CHARS].partition("\n")[0]
+    tail = prompt[prompt.rfind("\n", -CHATTER_MAX_CHARS) + 1 :] if "\n" in prompt else prompt
     if (
         _preamble_end(line) >= 0
-        or (low.startswith(INTERJECTIONS) and _INTERJECTION_START.match(low) is not None)
+        or (line[:1] in _INTERJECTION_INITIALS and _INTERJECTION_START.match(line.lower()) is not None)
         or _SIGNOFF.match(tail) is not None
     ):
         found.append(SUSPECT_PREAMBLE)

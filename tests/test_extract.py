@@ -400,12 +400,30 @@ def test_pathological_inputs_are_fast() -> None:
         "<prompt>" * 10_000 + "</prompt>",
         " " * 50_000 + "x" * 5,
         "~~~\n" + "~~~x\n" * 20_000,
+        # the readers added for issue 10: chatter phrases, rules, quotes, labels and fences repeated
+        "here is the " * 5_000 + "prompt:",
+        "Here is the prompt:\n" + "here " * 20_000,
+        "\n".join(["---"] * 50_000),
+        "x\n" + "\n".join(["- - -"] * 30_000),
+        "> " + "\n> ".join(["a"] * 50_000),
+        "```\n" * 30_000,
+        "```\nx\n```\n" * 20_000,
+        "**Prompt**" * 20_000,
+        "## " + "prompt " * 20_000,
+        '"' * 100_000,
+        "“" * 50_000 + "”" * 50_000,
+        "x\n\n" * 50_000 + "Let me know",
+        "Sure!\n" * 50_000,
+        "Task - " * 30_000,
+        "{" * 50_000,
     ]
+    as_json = ExtractSettings(json_field="english_prompt")
     start = time.perf_counter()
     for text in nasty:
         extract(text)
         extract(text, "length")
-    assert time.perf_counter() - start < 2.0
+        extract(text, "stop", as_json)
+    assert time.perf_counter() - start < 3.0
 
 
 def test_throughput() -> None:
