@@ -31,6 +31,7 @@ SUSPECT_FENCE_LINE = "fence_line"  # a line that opens or closes a fenced block
 SUSPECT_LABEL = "label"  # starts with a label or a label-like heading
 SUSPECT_WRAPPING_QUOTE = "wrapping_quote"  # starts and ends with a quote mark
 SUSPECT_PREAMBLE = "preamble"  # a chatter phrase to the reader at its start (preamble) or end (sign-off)
+SUSPECT_OVERLONG = "overlong"  # not set here: the caller adds it when is_overlong(len(prompt), job median)
 
 #: Finish reasons meaning "cut off by max_tokens" (OpenAI says "length", Anthropic "max_tokens").
 LENGTH_FINISHES = frozenset({"length", "max_tokens"})
@@ -48,6 +49,8 @@ SUSPECT_HEAD_CHARS = 100
 #: Info strings of a fenced block that wraps prose (the prompt). Any other (cpp, hip, ...) marks code that is
 #: part of the prompt, not a wrapper around it.
 PROSE_FENCE_INFO = frozenset({"", "text", "txt", "plain", "plaintext", "markdown", "md", "prompt", "english", "none"})
+#: Keys read when a text template's reply is a JSON object anyway (models drift into JSON): the first present.
+JSON_PROMPT_KEYS = ("english_prompt", "prompt", "task_prompt", "task")
 #: Info strings of a fenced block tolerated around a JSON reply.
 JSON_FENCE_INFO = frozenset({"", "json", "jsonc", "json5", "text"})
 #: A block whose body starts like this is code even with no info string: a prompt never starts so.
@@ -549,14 +552,29 @@ def _from_json(text: str, finish: str | None, settings: ExtractSettings) -> Extr
     return _finish(value, settings, METHOD_JSON)
 
 
+def _unasked_json(text: str, settings: ExtractSettings) -> Extraction | None:
+    """A text reply that is a JSON object holding the prompt under one of JSON_PROMPT_KEYS; None if it is not."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    for key in JSON_PROMPT_KEYS:
+        if isinstance(data.get(key), str):
+            return _from_json(text, None, ExtractSettings(settings.tag, settings.labels, settings.min_chars, key))
+    return None
+
+
 def extract(text: str | None, finish: str | None = None, settings: ExtractSettings = DEFAULT_SETTINGS) -> Extraction:
     """Take the English prompt from one reply `text` whose provider finish reason is `finish`.
 
     Order: refusal finish; empty reply; JSON mode (settings.json_field) reads that property and stops there;
     first `<tag>...</tag>` (unclosed -> truncated when cut by max_tokens, else failed); any other reply cut by
     max_tokens -> truncated; short refusal wording anywhere -> failed; fenced blocks: exactly one wrapping prose
-    -> its body, two or more -> ambiguous unless exactly one follows a label, an unclosed one -> failed; else
-    the reply less a leading preamble line, a leading label or heading, a trailing sign-off and wrapping quotes.
+    -> its body, two or more -> ambiguous unless exactly one follows a label, an unclosed one -> failed; a reply
+    that is a JSON object anyway -> its JSON_PROMPT_KEYS property; else the reply less a leading preamble line,
+    a leading label or heading, a trailing sign-off, horizontal rules, blockquote markers and wrapping quotes.
     What is kept is stripped and at least min_chars long.
     """
     if finish == REFUSAL_FINISH:
@@ -577,5 +595,9 @@ def extract(text: str | None, finish: str | None = None, settings: ExtractSettin
         fenced = _from_blocks(stripped, settings)
         if fenced is not None:
             return fenced
+    if stripped[0] == "{" and stripped[-1] == "}":
+        unasked = _unasked_json(stripped, settings)
+        if unasked is not None:
+            return unasked
     prompt, method = _clean(stripped, settings)
     return _finish(prompt, settings, method)

@@ -200,7 +200,7 @@ def _render(template: jinja2.Template, variables: dict[str, Any]) -> str:
         if flat is None:
             flat = template.__dict__["_hipbatch_globals"] = dict(template.globals)
         context = template.new_context({**flat, **variables}, shared=True)
-        return template.environment.concat(template.root_render_func(context))  # type: ignore[attr-defined]
+        return template.environment.concat(template.root_render_func(context))
     except Exception:
         pass  # render again the usual way, so the error points at the template's own line
     try:

@@ -106,6 +106,8 @@ def test_every_good_reply_is_exact_and_no_bad_one_is_kept(
         assert rows[name]["state"] in ("extraction_failed", "truncated"), answer.form
         if answer.form == "ambiguous":
             assert rows[name]["detail"].startswith("ambiguous: 2 fenced blocks")
+        if answer.form in ("refusal", "json_refusal", "json_refusal_field"):
+            assert rows[name]["detail"] == "refusal"
         if answer.finish == "length":
             assert rows[name]["state"] == "truncated"
     assert summary["records"] == len(good) == len(dataset)
@@ -132,6 +134,17 @@ def test_chattered_and_quoted_replies_are_recovered(provider: str, server: Local
     recovered = sum(dataset.get(name) == answer.prompt for name, answer in expected.items())
     assert recovered / len(expected) >= 0.9
     assert recovered == len(expected) == 80
+
+
+def test_live_mode_reads_json_replies_too(provider: str, server: LocalBatchServer, tmp_path: Path) -> None:
+    """`hipbatch run` sends the same lines (response_format / output_config) and reads them with the same rules."""
+    root = corpus(tmp_path / "kernels", fake_model.JSON_FORMS)
+    expected = expectations(root, TEMPLATES["json"], provider)
+    server.config.forms = "mixed"
+    cli("run", root, "--provider", provider, "--template-dir", TEMPLATES["json"], "--job", "live", "--max-workers", "4")
+    dataset = {r["file_name"]: r["english_prompt"] for r in read_dataset(Path("data/generated_prompts.json"))}
+    assert dataset == {name: answer.prompt for name, answer in expected.items() if answer.prompt is not None}
+    assert sum(server.stats.live_calls.values()) == len(expected)  # each answered once, live
 
 
 # ---- the emulator answers JSON when asked, as the real APIs do --------------------------------------------
