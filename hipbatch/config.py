@@ -17,6 +17,7 @@ from hipbatch.errors import UsageError
 from hipbatch.providers import PROVIDERS, ProviderSettings, check_name
 
 REQUEST_PARAMS = ("max_tokens", "temperature", "top_p")
+TEMPLATE_ONLY_PARAMS = ("json_schema",)  # set by a template's [output] table, never by the config file
 PROVIDER_KEYS = {
     "model",
     "base_url",
@@ -95,6 +96,7 @@ def resolve(
     table = config.provider(provider)
     params = {k: template_defaults[k] for k in REQUEST_PARAMS if template_defaults.get(k) is not None}
     params.update({k: table[k] for k in REQUEST_PARAMS if table.get(k) is not None})
+    params.update({k: template_defaults[k] for k in TEMPLATE_ONLY_PARAMS if template_defaults.get(k) is not None})
     chosen = model or os.environ.get("HIPBATCH_MODEL") or table.get("model") or template_defaults.get("model")
     if not chosen:
         raise UsageError(f"no model for {provider}: pass --model or set model in the template or config")

@@ -22,6 +22,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TEMPLATE_DIR = Path("templates/default")
 MAX_SOURCE_BYTES = 2 * 1024 * 1024  # a "source file" bigger than this is not a kernel; skipped with a reason
 
+#: The provider-neutral request parameter for structured output, {"name": str, "schema": dict}; every adapter
+#: maps it in to_line (OpenAI response_format, Anthropic output_config, Gemini responseJsonSchema).
+JSON_SCHEMA_PARAM = "json_schema"
+#: Keys of a template's `[output]` table.
+OUTPUT_KEYS = ("format", "field", "name", "schema_file")
+OUTPUT_FORMATS = ("text", "json")
+DEFAULT_JSON_FIELD = "english_prompt"
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for json_schema.name
+
 
 @dataclass
 class Template:
@@ -30,7 +39,7 @@ class Template:
     path: Path
     system: jinja2.Template
     user: jinja2.Template
-    params: dict[str, Any]  # model, max_tokens, temperature (template defaults)
+    params: dict[str, Any]  # model, max_tokens, temperature, json_schema (template defaults)
     provider_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # [request.<provider>]
     extract: ExtractSettings = field(default_factory=ExtractSettings)
     static_system: str | None = None  # the system prompt, rendered once when it uses no per-file variable
@@ -80,8 +89,18 @@ def load_template(path: Path) -> Template:
             raise TemplateError(f"{toml_path}: {e}") from None
     request = dict(settings.get("request", {}))
     provider_params = {k: request.pop(k) for k in list(request) if isinstance(request[k], dict)}
+    json_schema, json_field = output_settings(settings.get("output", {}), path, toml_path)
+    if json_schema is not None:
+        request[JSON_SCHEMA_PARAM] = json_schema  # a request parameter, hence part of every custom_id
+    extract_table = dict(settings.get("extract", {}))
+    if json_field is not None:
+        if extract_table.setdefault("json_field", json_field) != json_field:
+            raise TemplateError(
+                f"{toml_path}: [extract] json_field = {extract_table['json_field']!r} differs from "
+                f"[output] field = {json_field!r} (set only [output] field)"
+            )
     try:
-        extract = ExtractSettings.from_mapping(settings.get("extract", {}))
+        extract = ExtractSettings.from_mapping(extract_table)
     except ValueError as e:
         raise TemplateError(f"{toml_path}: [extract] {e}") from None
     return Template(
@@ -93,6 +112,67 @@ def load_template(path: Path) -> Template:
         extract,
         _static_render(env, templates["system.j2"]),
     )
+
+
+def default_json_schema(field: str) -> dict[str, Any]:
+    """The schema asked for when a template names no schema_file: one required string property."""
+    return {
+        "type": "object",
+        "properties": {field: {"type": "string"}},
+        "required": [field],
+        "additionalProperties": False,
+    }
+
+
+def output_settings(table: Any, path: Path, toml_path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The `[output]` table -> (the json_schema request parameter, the JSON property holding the prompt).
+
+    (None, None) for plain text output. Errors are TemplateErrors naming template.toml or the schema file.
+    """
+    if not isinstance(table, dict):
+        raise TemplateError(f"{toml_path}: [output] must be a table")
+    unknown = sorted(set(table) - set(OUTPUT_KEYS))
+    if unknown:
+        raise TemplateError(f"{toml_path}: unknown key(s) {unknown} in [output] (known: {', '.join(OUTPUT_KEYS)})")
+    fmt = table.get("format", "text")
+    if fmt not in OUTPUT_FORMATS:
+        raise TemplateError(f"{toml_path}: [output] format must be one of {', '.join(OUTPUT_FORMATS)}, got {fmt!r}")
+    if fmt == "text":
+        if set(table) - {"format"}:
+            raise TemplateError(f'{toml_path}: [output] field, name and schema_file need format = "json"')
+        return None, None
+    field = table.get("field", DEFAULT_JSON_FIELD)
+    if not isinstance(field, str) or not field.strip():
+        raise TemplateError(f"{toml_path}: [output] field must be a non-empty property name, got {field!r}")
+    name = table.get("name", field if _SCHEMA_NAME.fullmatch(field) else "prompt")
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise TemplateError(f"{toml_path}: [output] name must match [A-Za-z0-9_-]{{1,64}}, got {name!r}")
+    schema_file = table.get("schema_file")
+    if schema_file is None:
+        return {"name": name, "schema": default_json_schema(field)}, field
+    if not isinstance(schema_file, str) or not schema_file:
+        raise TemplateError(f"{toml_path}: [output] schema_file must be a file name, got {schema_file!r}")
+    return {"name": name, "schema": _load_schema(path / schema_file, field)}, field
+
+
+def _load_schema(schema_path: Path, field: str) -> dict[str, Any]:
+    """A JSON Schema file that asks for an object with `field` as a required string property."""
+    try:
+        schema = json.loads(schema_path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise TemplateError(f"{schema_path}: cannot read the schema file ({e.strerror})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TemplateError(f"{schema_path}: not valid JSON ({e})") from None
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        raise TemplateError(f'{schema_path}: the schema must describe an object ("type": "object")')
+    properties = schema.get("properties")
+    prop = properties.get(field) if isinstance(properties, dict) else None
+    if not isinstance(prop, dict) or prop.get("type") != "string":
+        raise TemplateError(f"{schema_path}: the schema must declare {field!r} as a string property")
+    required = schema.get("required")
+    if not isinstance(required, list) or field not in required:
+        raise TemplateError(f'{schema_path}: {field!r} must be listed in "required"')
+    return schema
 
 
 def _static_render(env: jinja2.Environment, template: jinja2.Template) -> str | None:

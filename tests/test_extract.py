@@ -3,20 +3,42 @@
 from __future__ import annotations
 
 import time
+import tomllib
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hipbatch.extract import (
     DEFAULT_SETTINGS,
     EXTRACTION_FAILED,
+    METHODS,
+    SUSPECT_FENCE_LINE,
+    SUSPECT_LABEL,
+    SUSPECT_PREAMBLE,
+    SUSPECT_WRAPPING_QUOTE,
     TRUNCATED,
     Extraction,
     ExtractSettings,
     extract,
+    is_overlong,
 )
 from hipbatch.records import RequestState
 
 PROMPT = "Write a HIP kernel `vector_add` that adds two float arrays of length n."
+CASES_FILE = Path(__file__).parent / "data" / "extract_cases.toml"
+CASES: list[dict[str, Any]] = tomllib.loads(CASES_FILE.read_text(encoding="utf-8"))["case"]
+CASE_KEYS = {
+    "id",
+    "reply",
+    "finish",
+    "settings",
+    "expect_prompt",
+    "expect_reason",
+    "expect_detail",
+    "expect_method",
+    "expect_suspects",
+}
 
 
 def assert_ok(result: Extraction, expected: str) -> None:
@@ -137,14 +159,16 @@ def test_longer_fence_may_hold_inner_code_block() -> None:
     assert_ok(extract(f"````markdown\n{body}\n````"), body)
 
 
-def test_fence_with_chatter_is_whole_reply() -> None:
-    text = f"Here you go:\n```\n{PROMPT}\n```"
-    assert_ok(extract(text), text)
+def test_fence_with_chatter_is_its_body() -> None:
+    # Changed on purpose (issue 10): one fenced block anywhere is the prompt, whatever stands around it.
+    assert_ok(extract(f"Here you go:\n```\n{PROMPT}\n```"), PROMPT)
+    assert_ok(extract(f"Here you go:\n```\n{PROMPT}\n```\nEnjoy, and let me know!"), PROMPT)
 
 
-def test_two_fenced_blocks_are_not_one() -> None:
+def test_two_fenced_blocks_are_ambiguous() -> None:
+    # Changed on purpose (issue 10): two blocks and no label naming one of them is a failure, not the whole reply.
     text = f"```\n{PROMPT}\n```\nand\n```\nsecond\n```"
-    assert_ok(extract(text), text)
+    assert_failed(extract(text), EXTRACTION_FAILED, "ambiguous: 2 fenced blocks")
 
 
 def test_empty_fence_fails() -> None:
@@ -152,9 +176,9 @@ def test_empty_fence_fails() -> None:
     assert_failed(extract("```text\n   \n```"), EXTRACTION_FAILED, "empty prompt")
 
 
-def test_fence_mismatched_markers_is_whole_reply() -> None:
-    text = f"```\n{PROMPT}\n~~~"
-    assert_ok(extract(text), text)
+def test_fence_mismatched_markers_is_never_closed() -> None:
+    # Changed on purpose (issue 10): the whole reply used to be kept, fence lines and all.
+    assert_failed(extract(f"```\n{PROMPT}\n~~~"), EXTRACTION_FAILED, "never closed")
 
 
 # --- labels -----------------------------------------------------------------------------------------
@@ -376,12 +400,30 @@ def test_pathological_inputs_are_fast() -> None:
         "<prompt>" * 10_000 + "</prompt>",
         " " * 50_000 + "x" * 5,
         "~~~\n" + "~~~x\n" * 20_000,
+        # the readers added for issue 10: chatter phrases, rules, quotes, labels and fences repeated
+        "here is the " * 5_000 + "prompt:",
+        "Here is the prompt:\n" + "here " * 20_000,
+        "\n".join(["---"] * 50_000),
+        "x\n" + "\n".join(["- - -"] * 30_000),
+        "> " + "\n> ".join(["a"] * 50_000),
+        "```\n" * 30_000,
+        "```\nx\n```\n" * 20_000,
+        "**Prompt**" * 20_000,
+        "## " + "prompt " * 20_000,
+        '"' * 100_000,
+        "“" * 50_000 + "”" * 50_000,
+        "x\n\n" * 50_000 + "Let me know",
+        "Sure!\n" * 50_000,
+        "Task - " * 30_000,
+        "{" * 50_000,
     ]
+    as_json = ExtractSettings(json_field="english_prompt")
     start = time.perf_counter()
     for text in nasty:
         extract(text)
         extract(text, "length")
-    assert time.perf_counter() - start < 2.0
+        extract(text, "stop", as_json)
+    assert time.perf_counter() - start < 3.0
 
 
 def test_throughput() -> None:
@@ -396,3 +438,101 @@ def test_throughput() -> None:
     results = [extract(text, "stop") for text in replies]
     assert all(r.ok for r in results)
     assert time.perf_counter() - start < 2.0
+
+
+# --- the case table (tests/data/extract_cases.toml) -------------------------------------------------
+
+
+def test_case_table_is_well_formed() -> None:
+    ids = [case["id"] for case in CASES]
+    assert len(ids) >= 60 and len(set(ids)) == len(ids)
+    for case in CASES:
+        assert set(case) <= CASE_KEYS, case["id"]
+        assert ("expect_prompt" in case) != ("expect_reason" in case), case["id"]
+        assert case.get("expect_method", "tag") in METHODS, case["id"]
+    json_cases = [case for case in CASES if "json_field" in case.get("settings", {})]
+    assert len(json_cases) >= 10 and any("expect_prompt" in c for c in json_cases)
+    assert {case.get("expect_reason") for case in CASES} >= {None, EXTRACTION_FAILED, TRUNCATED}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case["id"] for case in CASES])
+def test_case(case: dict[str, Any]) -> None:
+    settings = ExtractSettings.from_mapping(case.get("settings", {}))
+    result = extract(case["reply"], case.get("finish", "stop"), settings)
+    if "expect_prompt" in case:
+        assert result.ok, result
+        assert result.prompt == case["expect_prompt"].strip()
+        assert result.method in METHODS
+        if "expect_method" in case:
+            assert result.method == case["expect_method"]
+        if "expect_suspects" in case:
+            assert result.suspects == tuple(case["expect_suspects"])
+        # What is kept is never short and never still opens with a label or a fence line.
+        assert len(result.prompt) >= settings.min_chars
+        assert not result.prompt.startswith(("```", "~~~"))
+        assert SUSPECT_LABEL not in result.suspects
+    else:
+        assert not result.ok and result.prompt is None, result
+        assert result.reason == case["expect_reason"]
+        assert case.get("expect_detail", "") in result.detail
+        assert result.method is None and result.suspects == ()
+
+
+# --- methods and suspects ---------------------------------------------------------------------------
+
+
+def test_methods_of_each_form() -> None:
+    assert extract(f"<prompt>{PROMPT}</prompt>").method == "tag"
+    assert extract(f"```\n{PROMPT}\n```").method == "fenced"
+    assert extract(f"Prompt: {PROMPT}").method == "label"
+    assert extract(PROMPT).method == "whole"
+    as_json = ExtractSettings(json_field="english_prompt")
+    assert extract(f'{{"english_prompt": "{PROMPT}"}}', settings=as_json).method == "json"
+
+
+def test_clean_prompts_have_no_suspects() -> None:
+    for text in (f"<prompt>{PROMPT}</prompt>", f"```\n{PROMPT}\n```", f"## English prompt\n{PROMPT}", PROMPT):
+        assert extract(text).suspects == ()
+
+
+def test_suspects_of_a_tagged_prompt_that_still_carries_chatter() -> None:
+    # Tag content is kept verbatim (as before); what still looks wrong in it is flagged, not dropped.
+    def suspects(inner: str) -> tuple[str, ...]:
+        return extract(f"<prompt>{inner}</prompt>").suspects
+
+    assert suspects(f"```\n{PROMPT}\n```") == (SUSPECT_FENCE_LINE,)
+    assert suspects(f"English prompt: {PROMPT}") == (SUSPECT_LABEL,)
+    assert suspects(f'"{PROMPT}"') == (SUSPECT_WRAPPING_QUOTE,)
+    assert suspects(f"“{PROMPT}”.") == (SUSPECT_WRAPPING_QUOTE,)
+    assert suspects(f"Here is the prompt you asked for: {PROMPT}") == (SUSPECT_PREAMBLE,)
+    assert suspects(f"Sure! {PROMPT}") == (SUSPECT_PREAMBLE,)
+    assert suspects(f"{PROMPT}\nLet me know if this works.") == (SUSPECT_PREAMBLE,)
+
+
+def test_is_overlong_uses_four_times_the_median() -> None:
+    assert not is_overlong(400, 100.0)
+    assert is_overlong(401, 100.0)
+    assert not is_overlong(10_000, 0.0)  # no median yet: nothing is overlong
+
+
+# --- JSON settings ----------------------------------------------------------------------------------
+
+
+def test_json_field_setting() -> None:
+    assert ExtractSettings.from_mapping({"json_field": "english_prompt"}).json_field == "english_prompt"
+    assert DEFAULT_SETTINGS.json_field is None
+    for bad in ("", "  ", 3):
+        with pytest.raises(ValueError, match="json_field"):
+            ExtractSettings.from_mapping({"json_field": bad})
+
+
+def test_json_mode_ignores_tags_and_labels() -> None:
+    settings = ExtractSettings(json_field="english_prompt")
+    assert_failed(extract(f"<prompt>{PROMPT}</prompt>", "stop", settings), EXTRACTION_FAILED, "invalid JSON")
+    inner = f"<prompt>{PROMPT}</prompt>"
+    assert_ok(extract(f'{{"english_prompt": "{inner}"}}', "stop", settings), inner)
+
+
+def test_json_nested_too_deep_is_a_failure_not_a_crash() -> None:
+    settings = ExtractSettings(json_field="english_prompt")
+    assert_failed(extract("[" * 100_000, "stop", settings), EXTRACTION_FAILED, "invalid JSON")

@@ -22,7 +22,7 @@ from hipbatch.prepare import Source, prepare
 from hipbatch.providers import ProviderSettings, get_provider
 from hipbatch.providers.registry import Adapters
 from hipbatch.records import BatchInfo
-from hipbatch.render import discover, iter_discover, load_template, request_id
+from hipbatch.render import REPO_ROOT, discover, iter_discover, load_template, request_id
 from hipbatch.store import Store
 from tests.conftest import ledger_db, make_hip_dir
 
@@ -37,7 +37,16 @@ TEXTS = [
 
 
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
-@pytest.mark.parametrize("params", [{}, {"max_tokens": 1024, "temperature": 0.2, "top_p": None}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"max_tokens": 1024, "temperature": 0.2, "top_p": None},
+        # structured output: the json template's params, json_schema included
+        {k: v for k, v in load_template(REPO_ROOT / "templates" / "json").params.items() if k != "model"},
+    ],
+    ids=["none", "sampling", "json-template"],
+)
 def test_line_encoder_matches_request_id_and_json_dumps(provider: str, params: dict[str, Any]) -> None:
     adapter = get_provider(ProviderSettings(name=provider, key_env="UNUSED"))
     encoder = LineEncoder(adapter, "model-1", params)

@@ -42,6 +42,7 @@ class MessageRequest:
     user_text: str
     max_tokens: int
     attempt: int = 0
+    json_schema: dict[str, Any] | None = None  # the reply must be JSON (output_config.format)
 
 
 @dataclass
@@ -132,7 +133,25 @@ def check_params(params: Any, where: str) -> MessageRequest:
     if params.get("stream"):
         raise ApiError(400, f"{at('stream')}: streaming is not supported here")
     system, cached = system_text(params.get("system"))
-    return MessageRequest("", model, system, cached, user_text_of(messages), max_tokens)
+    schema = output_schema(params.get("output_config"), at("output_config"))
+    return MessageRequest("", model, system, cached, user_text_of(messages), max_tokens, json_schema=schema)
+
+
+def output_schema(config: Any, where: str) -> dict[str, Any] | None:
+    """The JSON schema an `output_config` asks the reply to match (None: a text reply); 400 when malformed."""
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise ApiError(400, f"{where}: Input should be an object")
+    fmt = config.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise ApiError(400, f"{where}.format.type: Input should be 'json_schema'")
+    schema = fmt.get("schema")
+    if not isinstance(schema, dict):
+        raise ApiError(400, f"{where}.format.schema: Field required (a JSON Schema object)")
+    return schema
 
 
 class AnthropicBackend:
@@ -323,7 +342,9 @@ class AnthropicBackend:
     def _message(self, request: MessageRequest, stats_key: str) -> dict[str, Any]:
         """Ask the fake model and count the billed usage under `stats_key`."""
         cfg = self.core.config
-        answer = fake_model.reply(request.system, request.user_text, request.max_tokens, cfg.forms, cfg.seed)
+        answer = fake_model.reply(
+            request.system, request.user_text, request.max_tokens, cfg.forms, cfg.seed, request.json_schema
+        )
         cache_read = cache_write = 0
         input_tokens = answer.prompt_tokens
         if request.cached and request.system:

@@ -83,6 +83,7 @@ class ChatLine:
     user_text: str
     max_tokens: int
     attempt: int = 0
+    json_schema: dict[str, Any] | None = None  # the reply must be JSON (response_format)
 
 
 @dataclass
@@ -187,6 +188,17 @@ def chat_max_tokens(body: dict[str, Any]) -> int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return DEFAULT_MAX_TOKENS
+
+
+def chat_json_schema(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The schema a chat completion body asks the reply to match: response_format json_schema -> its schema,
+    json_object -> {} (any object), none or text -> None (a text reply)."""
+    fmt = body.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") not in ("json_schema", "json_object"):
+        return None
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    return schema if isinstance(schema, dict) else {}
 
 
 def error_body(message: str, type: str, code: str | None, param: str | None = None) -> dict[str, Any]:
@@ -582,7 +594,9 @@ class OpenAIBackend:
                     )
                 )
             else:
-                answer = fake_model.reply(line.system, line.user_text, line.max_tokens, cfg.forms, seed)
+                answer = fake_model.reply(
+                    line.system, line.user_text, line.max_tokens, cfg.forms, seed, line.json_schema
+                )
                 usage["input"] += answer.prompt_tokens
                 usage["output"] += answer.completion_tokens
                 self.core.stats.add_answer(line.custom_id, answer.prompt_tokens, answer.completion_tokens)
@@ -651,7 +665,7 @@ class OpenAIBackend:
         live_gate(self.core)
         system, user_text = split_chat_messages(messages)
         cfg = self.core.config
-        answer = fake_model.reply(system, user_text, chat_max_tokens(body), cfg.forms, cfg.seed)
+        answer = fake_model.reply(system, user_text, chat_max_tokens(body), cfg.forms, cfg.seed, chat_json_schema(body))
         key = live_key(messages)
         self.core.stats.add_live_call(key)
         self.core.stats.add_answer(key, answer.prompt_tokens, answer.completion_tokens)
@@ -760,7 +774,7 @@ def _check_line(raw: str, endpoint: str) -> ChatLine | dict[str, Any]:
             param="body.messages",
         )
     system, user_text = split_chat_messages(messages)
-    return ChatLine(custom_id, model, system, user_text, chat_max_tokens(body))
+    return ChatLine(custom_id, model, system, user_text, chat_max_tokens(body), json_schema=chat_json_schema(body))
 
 
 def _check_metadata(metadata: Any) -> None:

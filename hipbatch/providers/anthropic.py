@@ -63,7 +63,9 @@ class Adapter(AdapterBase):
     def to_line(self, custom_id: str, model: str, params: dict[str, Any], system: str, user: str) -> dict[str, Any]:
         body: dict[str, Any] = {"model": model}
         for key, value in params.items():
-            if value is not None:
+            if key == "json_schema" and value is not None:  # render.JSON_SCHEMA_PARAM: structured output
+                body["output_config"] = {"format": {"type": "json_schema", "schema": value["schema"]}}
+            elif value is not None:
                 body[key] = value
         if system:
             # The system prompt is the long part shared by every request: cache it (1 h, batches are slow).

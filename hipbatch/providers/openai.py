@@ -64,6 +64,12 @@ class Adapter(AdapterBase):
         for key, value in params.items():
             if value is None:
                 continue
+            if key == "json_schema":  # render.JSON_SCHEMA_PARAM: structured output, strict (schema enforced)
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": value["name"], "schema": value["schema"], "strict": True},
+                }
+                continue
             body["max_completion_tokens" if key == "max_tokens" else key] = value
         return {"custom_id": custom_id, "method": "POST", "url": self.endpoint, "body": body}
 
