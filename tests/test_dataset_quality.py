@@ -16,8 +16,7 @@ import pytest
 from hipbatch.emulator import LocalBatchServer, fake_model
 from hipbatch.extract import extract
 from hipbatch.render import REPO_ROOT, discover, load_template, read_source
-from hipbatch.store import Store
-from tests.conftest import KERNEL, cli, make_hip_dir, read_dataset
+from tests.conftest import KERNEL, cli, ledger_db, make_hip_dir, read_dataset
 
 EXAMPLES = REPO_ROOT / "examples" / "hip"
 TEMPLATES = {"default": REPO_ROOT / "templates" / "default", "json": REPO_ROOT / "templates" / "json"}
@@ -88,7 +87,7 @@ def test_every_good_reply_is_exact_and_no_bad_one_is_kept(
 
     summary = run_job(server, root, provider, template)
     dataset = {r["file_name"]: r["english_prompt"] for r in read_dataset(Path("data/generated_prompts.json"))}
-    rows = {r["file_name"]: r for r in Store(Path("state")).table("requests").rows_where("job = ?", ["quality"])}
+    rows = {r["file_name"]: r for r in ledger_db(Path("state")).table("requests").rows_where("job = ?", ["quality"])}
     assert set(rows) == set(expected) and summary["pending"] == 0
 
     good = {name: answer for name, answer in expected.items() if answer.prompt is not None}
