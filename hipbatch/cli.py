@@ -209,13 +209,14 @@ def collect(
         bool, typer.Option("--reextract", help="Re-run the extractor over stored replies (no network).")
     ] = False,
     fields: Fields = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail kept prompts that still look suspicious.")] = False,
     json_out: JsonOut = False,
 ) -> None:
     """Download finished batches, extract the prompts and write the dataset.
 
     Example: hipbatch collect --wait --poll-interval 60 --output-file data/prompts.json
     """
-    opts = ops.CollectOptions(output_file, format.value, job, wait, poll_interval, timeout, reextract, fields)
+    opts = ops.CollectOptions(output_file, format.value, job, wait, poll_interval, timeout, reextract, fields, strict)
     summary = ops.collect(ctx.obj, opts, Out(quiet=json_out))
     if json_out:
         print_json(summary)
@@ -248,8 +249,8 @@ def drain(
     Example: hipbatch drain --max-enqueued-tokens 2000000 --poll-interval 60
     """
     opts = ops.CollectOptions(
-        output_file, format.value, job, True, poll_interval, timeout, False, fields,
-        max_in_flight_batches, max_enqueued_tokens,
+        output_file, format.value, job, True, poll_interval, timeout, fields=fields,
+        max_in_flight_batches=max_in_flight_batches, max_enqueued_tokens=max_enqueued_tokens,
     )  # fmt: skip
     summary = ops.collect(ctx.obj, opts, Out(quiet=json_out))
     if json_out:

@@ -88,6 +88,8 @@ def outcome_row(
             finish=result.finish,
             prompt=ex.prompt,
             detail=ex.detail or None,
+            method=ex.method,
+            suspect=",".join(ex.suspects) or None,
         )
         if not ex.ok:
             row.update(error_code=ex.reason, error_message=ex.detail)
@@ -212,6 +214,8 @@ def reextract(store: Store, job: str | None = None) -> dict[str, int]:
                 "state": state,
                 "prompt": ex.prompt,
                 "detail": ex.detail or None,
+                "method": ex.method,
+                "suspect": ",".join(ex.suspects) or None,
                 "error_code": None if ex.ok else ex.reason,
                 "error_message": None if ex.ok else ex.detail,
             }

@@ -19,8 +19,8 @@ from hipbatch.errors import UsageError
 from hipbatch.store import Store
 
 FORMATS = ("json", "jsonl", "parquet")
-#: Every field a record can have, in the order of the default record.
-FIELDS = ("file_name", "english_prompt", "custom_id", "provider", "model", "job", "via")
+#: Every field a record can have: the default record, then how the prompt was extracted and why it may be suspect.
+FIELDS = ("file_name", "english_prompt", "custom_id", "provider", "model", "job", "via", "method", "suspect")
 PARQUET_ROWS = 10_000  # rows per parquet row group: memory stays flat
 
 
@@ -93,7 +93,7 @@ def _write_parquet(store: Store, part: Path, job: str | None, fields: Sequence[s
         import pyarrow.parquet as pq
     except ImportError:
         raise UsageError("--format parquet needs pyarrow: pip install 'hipbatch[parquet]'") from None
-    names = list(fields or FIELDS)
+    names = list(fields or FIELDS[:7])
     schema = pa.schema([(name, pa.string()) for name in names])
     n = 0
     with pq.ParquetWriter(str(part), schema) as writer:
@@ -142,7 +142,7 @@ def record_json(record: dict[str, Any]) -> str:
 
 def _records(store: Store, job: str | None, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
     """Records holding just `fields`, in file-name order."""
-    order = Store.DATASET_COLUMNS  # ("job", "file_name", "english_prompt", "custom_id", "provider", "model", "via")
+    order = Store.DATASET_COLUMNS
     at = [order.index(f) for f in fields]
     for row in store.dataset_tuples(job):
         record = {f: row[i] for f, i in zip(fields, at, strict=True)}
@@ -155,7 +155,7 @@ def _record_lines(store: Store, job: str | None) -> Iterator[str]:
     """record_json of each default record, without a dict per record: the columns that repeat (provider, model,
     job, via) are encoded once per combination."""
     tails: dict[tuple[Any, ...], str] = {}
-    for job_name, file_name, prompt, custom_id, provider, model, via in store.dataset_tuples(job):
+    for job_name, file_name, prompt, custom_id, provider, model, via, *_ in store.dataset_tuples(job):
         key = (provider, model, job_name, via)
         tail = tails.get(key)
         if tail is None:

@@ -161,3 +161,11 @@ def m003_superseded_answers(db: Database) -> None:
         pk="id",
     )
     db.table("superseded").create_index(["job", "provider", "model"])
+
+
+@migrations()
+def m006_extraction_method(db: Database) -> None:
+    # How each kept prompt was found (tag, fenced, label, json, whole) and why it may still be wrong (suspects,
+    # comma-joined): `collect` counts them, `report` lists them, `collect --strict` turns suspects into failures.
+    db.table("requests").add_column("method", str)
+    db.table("requests").add_column("suspect", str)

@@ -215,6 +215,7 @@ class CollectOptions:
     timeout: float | None = None
     reextract: bool = False
     fields: str | None = None  # the record's keys, comma-separated (default: the full record)
+    strict: bool = False  # kept prompts that still look suspicious become failures (extraction_failed)
     max_in_flight_batches: int | None = None
     max_enqueued_tokens: int | None = None
 
@@ -290,6 +291,7 @@ def _write_dataset(store: Store, opts: CollectOptions, prices: PriceTable | None
     from hipbatch.dataset import parse_fields, write_dataset
 
     with locked(store):
+        kept = _kept_prompts(store, opts.job, opts.strict)
         written = write_dataset(store, opts.output_file, opts.format, opts.job, parse_fields(opts.fields))
         counts = store.request_counts(opts.job)
         reasons = store.failure_reasons(opts.job)
@@ -306,9 +308,34 @@ def _write_dataset(store: Store, opts: CollectOptions, prices: PriceTable | None
         "failed_by_reason": reasons,
         "pending": pending,
         "skipped_files": len(skipped),
+        **kept,
     }
     out.collect_summary(summary, spent)
     return summary
+
+
+SHOWN_FILES = 10  # file names a summary lists before pointing at where to see all
+
+
+def _kept_prompts(store: Store, job: str | None, strict: bool) -> dict[str, Any]:
+    """How the kept prompts were extracted, and the ones that still look suspicious (with --strict: failed)."""
+    from hipbatch.extract import OVERLONG_FACTOR
+
+    names = [job] if job else [j.name for j in store.jobs()]
+    suspects: list[tuple[str, str]] = []
+    n_suspect = failed = 0
+    for name in names:
+        overlong = OVERLONG_FACTOR * (store.median_prompt_length(name) or float("inf"))
+        n_suspect += store.count_suspects(name, overlong)
+        suspects += store.suspect_files(name, overlong, SHOWN_FILES - len(suspects))
+        if strict:
+            failed += store.fail_suspects(name, overlong)
+    return {
+        "methods": store.extraction_methods(job),
+        "suspects": n_suspect,
+        "suspect_files": [{"file_name": f, "why": why} for f, why in suspects],
+        "failed_as_suspect": failed,
+    }
 
 
 # ---- cost and report ------------------------------------------------------------------------------

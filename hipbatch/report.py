@@ -268,6 +268,7 @@ def build_report(store: Store, prices: PriceTable, job: str, now: float | None =
     body.append(timeline_svg(tl) if tl is not None else "<p class='muted'>No requests yet.</p>")
     body += _cost_section(store, prices, job, led)
     body += _failure_section(store, job)
+    body += _suspect_section(store, job)
     body += _sample_section(store, job)
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
@@ -324,6 +325,31 @@ def _failure_section(store: Store, job: str) -> list[str]:
             f"<tr><td>{esc(reason)}</td><td data-value='{n}'>{n:,}</td><td>{esc((message or '')[:300])}</td></tr>"
         )
     body.append("</tbody></table>")
+    return body
+
+
+SUSPECTS_LISTED = 500
+
+
+def _suspect_section(store: Store, job: str) -> list[str]:
+    """Kept prompts that still look suspicious (a fence line, a label, a wrapping quote, chatter, overlong)."""
+    from hipbatch.extract import OVERLONG_FACTOR
+
+    overlong = OVERLONG_FACTOR * (store.median_prompt_length(job) or float("inf"))
+    n = store.count_suspects(job, overlong)
+    body = ["<h2>Suspect prompts</h2>"]
+    if not n:
+        return [*body, "<p class='muted'>None: every kept prompt looks clean.</p>"]
+    body.append(
+        f"<p class='muted'>{n:,} kept prompt(s) still look suspicious; <code>hipbatch collect --strict</code> "
+        "turns them into failures that <code>hipbatch retry</code> asks again.</p>"
+    )
+    body.append("<table id='suspects'><thead><tr><th>file</th><th>why</th></tr></thead><tbody>")
+    for name, why in store.suspect_files(job, overlong, SUSPECTS_LISTED):
+        body.append(f"<tr><td><code>{html.escape(name)}</code></td><td>{html.escape(why)}</td></tr>")
+    body.append("</tbody></table>")
+    if n > SUSPECTS_LISTED:
+        body.append(f"<p class='muted'>... and {n - SUSPECTS_LISTED:,} more.</p>")
     return body
 
 

@@ -425,7 +425,9 @@ class Store:
             args.append(job)
         yield from self._table("requests").rows_where(where, args, select="custom_id, job, reply_text, finish")
 
-    DATASET_COLUMNS = ("job", "file_name", "english_prompt", "custom_id", "provider", "model", "via")
+    DATASET_COLUMNS = (
+        "job", "file_name", "english_prompt", "custom_id", "provider", "model", "via", "method", "suspect",
+    )  # fmt: skip
 
     def dataset_rows(self, job: str | None = None) -> Iterator[dict[str, Any]]:
         """Files whose request has an extracted prompt, sorted by file name; streamed from SQLite."""
@@ -435,7 +437,7 @@ class Store:
     def dataset_tuples(self, job: str | None = None) -> Iterator[tuple[Any, ...]]:
         """Dataset rows as plain tuples in DATASET_COLUMNS order (no dict per row: the dataset's hot loop)."""
         sql = (
-            "SELECT f.job, f.file_name, r.prompt, r.custom_id, r.provider, r.model, r.via "
+            "SELECT f.job, f.file_name, r.prompt, r.custom_id, r.provider, r.model, r.via, r.method, r.suspect "
             "FROM files f JOIN requests r ON r.custom_id = f.custom_id "
             "WHERE r.state = ? {job} ORDER BY f.file_name, f.job"
         )
@@ -753,6 +755,63 @@ class Store:
             [job, *_IN_FLIGHT, job],
         ).fetchall()
         return [(p, m, bool(lv), int(a or 0), int(b or 0), int(c or 0), int(d or 0)) for p, m, lv, a, b, c, d in rows]
+
+    # ---- what the extractor kept -------------------------------------------------------------------
+
+    def extraction_methods(self, job: str | None = None) -> dict[str, int]:
+        """Good answers per extraction method (tag, fenced, label, json, whole)."""
+        where, args = ("AND job = ?", [job]) if job else ("", [])
+        rows = self._db.execute(
+            f"SELECT coalesce(method, 'unknown'), count(*) FROM requests WHERE state = ? {where} GROUP BY 1 "
+            "ORDER BY 2 DESC, 1",
+            [RequestState.SUCCEEDED, *args],
+        ).fetchall()
+        return {m: int(n) for m, n in rows}
+
+    def median_prompt_length(self, job: str) -> float:
+        """The median length in characters of a job's kept prompts (0 when it has none)."""
+        (n,) = self._db.execute(
+            "SELECT count(*) FROM requests WHERE job = ? AND state = ?", [job, RequestState.SUCCEEDED]
+        ).fetchone()
+        if not n:
+            return 0.0
+        rows = self._db.execute(
+            "SELECT length(prompt) FROM requests WHERE job = ? AND state = ? ORDER BY 1 LIMIT ? OFFSET ?",
+            [job, RequestState.SUCCEEDED, 2 - n % 2, (n - 1) // 2],
+        ).fetchall()
+        return sum(float(r[0]) for r in rows) / len(rows)
+
+    def suspect_files(self, job: str, overlong: float, limit: int | None = None) -> list[tuple[str, str]]:
+        """(file name, reasons) of a job's current files whose kept prompt looks suspicious: a suspect the
+        extractor named, or longer than `overlong` characters."""
+        rows = self._db.execute(
+            "SELECT f.file_name, r.suspect, length(r.prompt) > ? FROM files f JOIN requests r "
+            "ON r.custom_id = f.custom_id WHERE f.job = ? AND r.state = ? AND (r.suspect IS NOT NULL "
+            "OR length(r.prompt) > ?) ORDER BY f.file_name LIMIT ?",
+            [overlong, job, RequestState.SUCCEEDED, overlong, -1 if limit is None else limit],
+        ).fetchall()
+        return [
+            (name, ",".join(p for p in (suspect, "overlong" if long else None) if p)) for name, suspect, long in rows
+        ]
+
+    def count_suspects(self, job: str, overlong: float) -> int:
+        """How many of a job's current files suspect_files would list."""
+        (n,) = self._db.execute(
+            "SELECT count(*) FROM files f JOIN requests r ON r.custom_id = f.custom_id WHERE f.job = ? "
+            "AND r.state = ? AND (r.suspect IS NOT NULL OR length(r.prompt) > ?)",
+            [job, RequestState.SUCCEEDED, overlong],
+        ).fetchone()
+        return int(n)
+
+    def fail_suspects(self, job: str, overlong: float) -> int:
+        """--strict: a job's suspicious kept prompts become extraction_failed (retryable), naming why."""
+        cur = self._db.execute(
+            "UPDATE requests SET state = ?, error_code = 'suspect', error_message = 'suspect: ' || "
+            "coalesce(suspect, 'overlong'), updated_at = ? WHERE job = ? AND state = ? "
+            "AND (suspect IS NOT NULL OR length(prompt) > ?)",
+            [RequestState.EXTRACTION_FAILED, time.time(), job, RequestState.SUCCEEDED, overlong],
+        )
+        return max(cur.rowcount, 0)
 
     # ---- status and report aggregates -------------------------------------------------------------
 

@@ -156,6 +156,7 @@ class Out:
         )
         for reason, n in summary["failed_by_reason"].items():
             err(f"  {reason}: {n}")
+        self._kept(summary)
         if summary["failed"]:
             err("Resend the failed ones with `hipbatch retry`.")
         if spent is not None and spent["cost_usd"] is not None:
@@ -163,6 +164,17 @@ class Out:
                 f"Cost so far {usd(spent['cost_usd'])} (live calls would have cost "
                 f"{usd(spent['live_equivalent_usd'])}); details: `hipbatch cost`"
             )
+
+    def _kept(self, summary: dict[str, Any]) -> None:
+        methods = summary.get("methods") or {}
+        if methods:
+            err("extracted by: " + ", ".join(f"{m} {n}" for m, n in methods.items()))
+        if summary.get("suspects"):
+            shown = ", ".join(f"{s['file_name']} ({s['why']})" for s in summary["suspect_files"])
+            more = summary["suspects"] - len(summary["suspect_files"])
+            what = "made failures by --strict" if summary.get("failed_as_suspect") else "kept, but look suspicious"
+            err(f"{summary['suspects']} prompt(s) {what}: {shown}" + (f" and {more} more" if more > 0 else ""))
+            err("  all of them: `hipbatch report`; `collect --strict` fails them, `hipbatch retry` asks again.")
 
     # ---- retry and cancel ----------------------------------------------------------------------
 
