@@ -34,6 +34,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 class ProviderName(StrEnum):
     openai = "openai"
     anthropic = "anthropic"
+    gemini = "gemini"
 
 
 class Format(StrEnum):
@@ -1179,16 +1180,23 @@ def demo(
 
     examples = REPO_ROOT / "examples" / "hip"
     output = output_file or Path("data") / f"demo-{provider.value}.json"
-    key_env = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}[provider.value]
-    url_env = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}[provider.value]
+    key_env = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY", "gemini": "GEMINI_API_KEY"}[provider.value]
+    url_env = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL", "gemini": "GOOGLE_GEMINI_BASE_URL"}[
+        provider.value
+    ]
     with (
         LocalBatchServer(port=0, config=EmulatorConfig(polls_to_complete=2)) as server,
         tempfile.TemporaryDirectory(prefix="hipbatch-demo-") as tmp,
         _env(
             {
                 key_env: "demo-key-not-secret",
-                url_env: server.openai_base_url if provider.value == "openai" else server.anthropic_base_url,
+                url_env: {
+                    "openai": server.openai_base_url,
+                    "anthropic": server.anthropic_base_url,
+                    "gemini": server.gemini_base_url,
+                }[provider.value],
                 "ANTHROPIC_CONFIG_DIR": tmp,
+                **({"GOOGLE_API_KEY": "demo-key-not-secret"} if provider.value == "gemini" else {}),  # wins if set
             }
         ),
     ):

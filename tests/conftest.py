@@ -27,6 +27,10 @@ PROVIDER_ENV = (
     "HIPBATCH_STATE_DIR",
     "OPENAI_CUSTOM_HEADERS",
     "ANTHROPIC_CUSTOM_HEADERS",
+    "GEMINI_API_KEY",
+    "GOOGLE_API_KEY",
+    "GOOGLE_GEMINI_BASE_URL",
+    "GOOGLE_GENAI_USE_VERTEXAI",
 )
 
 
@@ -55,6 +59,9 @@ def point_at(server: LocalBatchServer, provider: str, monkeypatch: pytest.Monkey
     if provider == "openai":
         monkeypatch.setenv("OPENAI_BASE_URL", server.openai_base_url)
         monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    elif provider == "gemini":
+        monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", server.gemini_base_url)
+        monkeypatch.setenv("GEMINI_API_KEY", "test-key")
     else:
         monkeypatch.setenv("ANTHROPIC_BASE_URL", server.anthropic_base_url)
         monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")

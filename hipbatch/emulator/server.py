@@ -1,5 +1,6 @@
 """LocalBatchServer: a stdlib HTTP/1.1 server on 127.0.0.1 that speaks enough of the OpenAI (files, batches,
-chat) and Anthropic (message batches, messages) APIs for the real SDKs, with seeded fault injection."""
+chat), Anthropic (message batches, messages) and Gemini (files, batch mode, generateContent) APIs for the real
+SDKs, with seeded fault injection."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from hipbatch.emulator.common import (
     rfc3339,
 )
 from hipbatch.emulator.config import FAULT_KINDS, EmulatorConfig
+from hipbatch.emulator.gemini_api import GeminiBackend
+from hipbatch.emulator.gemini_api import error_reply as gemini_error_reply
 from hipbatch.emulator.openai_api import OpenAIBackend, retry_headers
 from hipbatch.emulator.stats import EmulatorStats
 
@@ -46,7 +49,7 @@ ANTHROPIC_ONLY_TYPES = {"not_found_error", "authentication_error", "api_error", 
 
 @dataclass(frozen=True)
 class Route:
-    """One endpoint: method, path pattern, stats name, provider ("openai", "anthropic" or "either")."""
+    """One endpoint: method, path pattern, stats name, provider ("openai", "anthropic", "gemini" or "either")."""
 
     method: str
     pattern: re.Pattern[str]
@@ -84,11 +87,25 @@ ROUTES: tuple[Route, ...] = (
     ),
     _route("POST", r"/v1/messages", "anthropic.messages", "anthropic"),
     _route("GET", r"/v1/models/(.+)", "models.retrieve", "either"),
+    _route("POST", r"/upload/v1beta/files", "gemini.files.upload", "gemini"),
+    _route("GET", r"/v1beta/files/([^/:]+)", "gemini.files.get", "gemini"),
+    _route("DELETE", r"/v1beta/files/([^/:]+)", "gemini.files.delete", "gemini"),
+    _route("GET", r"/v1beta/files/([^/:]+):download", "gemini.files.download", "gemini", download=True),
+    _route("POST", r"/v1beta/models/([^/:]+):batchGenerateContent", "gemini.batches.create", "gemini"),
+    _route("GET", r"/v1beta/batches", "gemini.batches.list", "gemini"),
+    _route("GET", r"/v1beta/batches/([^/:]+)", "gemini.batches.get", "gemini"),
+    _route("DELETE", r"/v1beta/batches/([^/:]+)", "gemini.batches.delete", "gemini"),
+    _route("POST", r"/v1beta/batches/([^/:]+):cancel", "gemini.batches.cancel", "gemini"),
+    _route("POST", r"/v1beta/models/([^/:]+):generateContent", "gemini.generate_content", "gemini"),
+    _route("GET", r"/v1beta/models/([^/:]+)", "gemini.models.get", "gemini"),
 )
+GEMINI_PATHS = ("/v1beta/", "/upload/v1beta/")  # unknown URLs under these get Google's error shape
 
 
 def error_reply(err: ApiError, provider: str) -> Reply:
     """`err` in the provider's error shape."""
+    if provider == "gemini":
+        return gemini_error_reply(err)
     if provider == "anthropic":
         kind = err.type
         if kind not in ANTHROPIC_ONLY_TYPES and err.status in ANTHROPIC_STATUS_TYPES:
@@ -243,13 +260,14 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class LocalBatchServer:
-    """Local OpenAI + Anthropic batch server for tests and demos; bound at construction, served by start()."""
+    """Local OpenAI + Anthropic + Gemini batch server for tests and demos; bound at construction, served by start()."""
 
     def __init__(self, port: int = 0, config: EmulatorConfig | None = None, host: str = "127.0.0.1") -> None:
         self.stats = EmulatorStats()
         self.core = Core(config or EmulatorConfig(), self.stats)
         self.openai = OpenAIBackend(self.core)
         self.anthropic = AnthropicBackend(self.core)
+        self.gemini = GeminiBackend(self.core)
         self._httpd = _HTTPServer((host, port), _Handler)
         self._httpd.emulator = self
         bound_host, bound_port = self._httpd.server_address[:2]
@@ -258,6 +276,7 @@ class LocalBatchServer:
         self.url = f"http://{self.host}:{self.port}"
         self.openai_base_url = self.url + "/v1"
         self.anthropic_base_url = self.url
+        self.gemini_base_url = self.url  # GOOGLE_GEMINI_BASE_URL: the SDK adds /v1beta/... itself
         self.core.base_url = self.url
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
@@ -282,6 +301,17 @@ class LocalBatchServer:
             "anthropic.batches.results": self.anthropic.results,
             "anthropic.messages": self.anthropic.create_message,
             "models.retrieve": self._model,
+            "gemini.files.upload": self.gemini.upload,
+            "gemini.files.get": self.gemini.get_file,
+            "gemini.files.delete": self.gemini.delete_file,
+            "gemini.files.download": self.gemini.download,
+            "gemini.batches.create": self.gemini.create_batch,
+            "gemini.batches.list": self.gemini.list_batches,
+            "gemini.batches.get": self.gemini.get_batch,
+            "gemini.batches.delete": self.gemini.delete_batch,
+            "gemini.batches.cancel": self.gemini.cancel_batch,
+            "gemini.generate_content": self.gemini.generate_content,
+            "gemini.models.get": self.gemini.get_model,
         }
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
@@ -343,9 +373,10 @@ class LocalBatchServer:
         self.stop()
 
     def complete_all(self) -> None:
-        """Move every unfinished batch of both providers to its final state now."""
+        """Move every unfinished batch of every provider to its final state now."""
         self.openai.complete_all()
         self.anthropic.complete_all()
+        self.gemini.complete_all()
 
     def _track(self, conn: socket.socket, add: bool) -> None:
         with self._connections_lock:
@@ -362,6 +393,8 @@ class LocalBatchServer:
             return self._internal(call)
         route, params, path_known = self._match(call.method, call.path)
         provider = route.provider if route else "either"
+        if route is None and call.path.startswith(GEMINI_PATHS):
+            provider = "gemini"
         if provider == "either":
             provider = "anthropic" if "anthropic-version" in call.headers else "openai"
         call.provider = provider
@@ -414,7 +447,15 @@ class LocalBatchServer:
     def _check_auth(self, call: Call) -> None:
         auth = call.headers.get("authorization", "")
         bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if call.provider == "anthropic":
+        if call.provider == "gemini":
+            # A resumable upload's chunks are authorised by the upload_id of the session the key opened.
+            if not call.headers.get("x-goog-api-key", "").strip() and not call.arg("key") and not call.arg("upload_id"):
+                raise ApiError(
+                    403,
+                    "Method doesn't allow unregistered callers: send an API key (x-goog-api-key header).",
+                    type="PERMISSION_DENIED",
+                )
+        elif call.provider == "anthropic":
             if not bearer and not call.headers.get("x-api-key", "").strip():
                 raise ApiError(
                     401,
