@@ -256,6 +256,19 @@ def quota_refusal(model: str, limit: int, needed: int, queued: int) -> GoogleErr
     )
 
 
+def check_google_key(call: Call) -> None:
+    """Any key is good except one starting with "invalid" (400 API_KEY_INVALID, as Google answers a bad key).
+    A resumable upload's chunks are authorised by the upload_id of the session the key opened."""
+    key = call.headers.get("x-goog-api-key", "").strip() or (call.arg("key") or "")
+    if not key and call.arg("upload_id"):
+        return
+    if not key:
+        raise GoogleError(403, "Method doesn't allow unregistered callers: send an API key (x-goog-api-key).")
+    if key.startswith("invalid"):
+        reason = {"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}
+        raise GoogleError(400, "API key not valid. Please pass a valid API key.", details=[reason])
+
+
 class GeminiBackend:
     """In-memory files and batch jobs; every method runs under the core lock unless noted."""
 

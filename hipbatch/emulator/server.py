@@ -28,7 +28,7 @@ from hipbatch.emulator.common import (
     rfc3339,
 )
 from hipbatch.emulator.config import FAULT_KINDS, EmulatorConfig
-from hipbatch.emulator.gemini_api import GeminiBackend
+from hipbatch.emulator.gemini_api import GeminiBackend, check_google_key
 from hipbatch.emulator.gemini_api import error_reply as gemini_error_reply
 from hipbatch.emulator.openai_api import OpenAIBackend, retry_headers
 from hipbatch.emulator.stats import EmulatorStats
@@ -448,13 +448,7 @@ class LocalBatchServer:
         auth = call.headers.get("authorization", "")
         bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
         if call.provider == "gemini":
-            # A resumable upload's chunks are authorised by the upload_id of the session the key opened.
-            if not call.headers.get("x-goog-api-key", "").strip() and not call.arg("key") and not call.arg("upload_id"):
-                raise ApiError(
-                    403,
-                    "Method doesn't allow unregistered callers: send an API key (x-goog-api-key header).",
-                    type="PERMISSION_DENIED",
-                )
+            check_google_key(call)
         elif call.provider == "anthropic":
             if not bearer and not call.headers.get("x-api-key", "").strip():
                 raise ApiError(

@@ -28,7 +28,7 @@ FINAL = frozenset({"JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED", "JOB_STATE_CANCELL
 #: The job states `status` returns (the SDK's words; the REST API says BATCH_STATE_...).
 STATES = ("JOB_STATE_PENDING", "JOB_STATE_RUNNING", *sorted(FINAL))
 QUOTA_CODE = "RESOURCE_EXHAUSTED"  # BatchInfo.errors[].code of a job refused for the enqueued-token quota
-REFUSED_PREFIX = "hipbatch-refused/"  # the name given to a create the server refused for quota (no job exists)
+REFUSED_PREFIX = "hipbatch-refused-"  # the id given to a create the server refused for quota (no job exists)
 SHARD_LABEL = "hipbatch_shard="  # the display name carries the shard tag: `hipbatch_shard=<key>`
 FIELDS = {"max_tokens": "maxOutputTokens", "top_p": "topP", "top_k": "topK", "stop": "stopSequences"}
 #: google.rpc.Code numbers (an Operation's `error.code`) -> names.
@@ -251,7 +251,7 @@ class Adapter(AdapterBase):
         if batch_id.startswith(REFUSED_PREFIX):
             return refused_info(batch_id)
         with self._translate(f"status of {batch_id}"):
-            return info_of(self._get_raw(batch_id))
+            return info_of(self._get_raw(job_name(batch_id)))
 
     def _get_raw(self, name: str) -> dict[str, Any]:
         """The job as the REST API sends it: the SDK's BatchJob drops batchStats and error for this API."""
@@ -294,7 +294,7 @@ class Adapter(AdapterBase):
             return refused_info(batch_id)
         try:
             with self._translate(f"cancel {batch_id}"):
-                self.client.batches.cancel(name=batch_id)  # answers nothing: ask for the job afterwards
+                self.client.batches.cancel(name=job_name(batch_id))  # answers nothing: ask for the job afterwards
         except ProviderError as e:
             if isinstance(e, TransientError) or e.status_code not in (400, 409):
                 raise
@@ -318,6 +318,11 @@ class Adapter(AdapterBase):
 
 
 # ---- requests -----------------------------------------------------------------------------------------
+
+
+def job_name(batch_id: str) -> str:
+    """The API's name of a job from hipbatch's id (the name without "batches/", safe in file names)."""
+    return batch_id if batch_id.startswith("batches/") else f"batches/{batch_id}"
 
 
 def model_name(model: str) -> str:
@@ -444,7 +449,7 @@ def info_of(op: dict[str, Any]) -> BatchInfo:
     if final and total is not None:
         done, failed = done or 0, failed or 0
     return BatchInfo(
-        id=str(op.get("name") or meta.get("name")),
+        id=str(op.get("name") or meta.get("name")).removeprefix("batches/"),  # a path-safe id: "batches/" + id
         status=state,
         is_final=final,
         total=total,
