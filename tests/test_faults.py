@@ -18,9 +18,17 @@ from hipbatch.store import Store
 from tests.conftest import cli, make_hip_dir, read_dataset
 
 WAIT = ("collect", "--wait", "--poll-interval", "0.02", "--json")
-CREATE = {"openai": "openai.batches.create", "anthropic": "anthropic.batches.create"}
-RETRIEVE = {"openai": "openai.batches.retrieve", "anthropic": "anthropic.batches.retrieve"}
-DOWNLOAD = {"openai": "openai.files.content", "anthropic": "anthropic.batches.results"}
+CREATE = {"openai": "openai.batches.create", "anthropic": "anthropic.batches.create", "gemini": "gemini.batches.create"}
+RETRIEVE = {
+    "openai": "openai.batches.retrieve",
+    "anthropic": "anthropic.batches.retrieve",
+    "gemini": "gemini.batches.get",
+}
+DOWNLOAD = {
+    "openai": "openai.files.content",
+    "anthropic": "anthropic.batches.results",
+    "gemini": "gemini.files.download",
+}
 
 
 def all_ids() -> set[str]:

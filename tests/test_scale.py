@@ -34,8 +34,15 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("provider", ["openai", "anthropic"])
-@pytest.mark.parametrize("params", [{}, {"max_tokens": 1024, "temperature": 0.2, "top_p": None}])
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"max_tokens": 1024, "temperature": 0.2, "top_p": None},
+        {"max_tokens": 64, "json_schema": {"name": "english_prompt", "schema": {"type": "object"}}},
+    ],
+)
 def test_line_encoder_matches_request_id_and_json_dumps(provider: str, params: dict[str, Any]) -> None:
     adapter = get_provider(ProviderSettings(name=provider, key_env="UNUSED"))
     encoder = LineEncoder(adapter, "model-1", params)
