@@ -342,6 +342,25 @@ def test_cost_ledger_matches_what_the_server_billed_with_cache_and_thinking(
     assert live == pytest.approx(2 * expected)
 
 
+def test_max_enqueued_tokens_from_the_config_keeps_refusals_away(gemini: LocalBatchServer, tmp_path: Path) -> None:
+    root = make_hip_dir(tmp_path / "kernels", 12)
+    cli("submit", root, *GEMINI, "--max-requests-per-batch", "4", "--dry-run")
+    per_shard = _shard_tokens(root)
+    gemini.config.enqueued_token_limit = int(per_shard * 1.5)  # the server's quota: one shard at a time
+    dry = json.loads(cli("submit", root, *GEMINI, "--dry-run", "--max-requests-per-batch", "4", "--json").stdout)
+    estimate = dry["prepare"]["est_input_tokens"] / 3  # hipbatch's own estimate of one shard
+    Path("hipbatch.toml").write_text(f"[providers.gemini]\nmax_enqueued_tokens = {int(estimate * 1.5)}\n")
+    gemini.config.polls_to_complete = 2
+    out = cli("submit", root, *GEMINI, "--max-requests-per-batch", "4")
+    assert "2 shard(s) wait in the local queue" in out.stderr
+    assert gemini.stats.hits["gemini.batches.create"] == 1  # the others were never sent to be refused
+    cli("drain", "--poll-interval", "0.02")
+    assert gemini.stats.hits["gemini.batches.create"] == gemini.stats.batches_created == 3
+    assert_exact_dataset(root)
+    rows = ledger()
+    assert {r["state"] for r in rows.values()} == {"succeeded"} and {r["attempts"] for r in rows.values()} == {1}
+
+
 # ---- expiry, cancel, quota: these need collect to know the JOB_STATE_* words -------------------------------------
 
 
