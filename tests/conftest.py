@@ -34,6 +34,13 @@ PROVIDER_ENV = (
 )
 
 
+#: True once collect.py maps Gemini's JOB_STATE_* words and RESOURCE_EXHAUSTED, and retry/submit read a line's id
+#: through providers.base.line_id (the edits listed in the Gemini branch's report). Until then the tests that need
+#: them are expected to fail (strict: a pass means this should be flipped) or, when slow, skipped.
+GEMINI_PORTED = False
+needs_gemini_port = pytest.mark.xfail(not GEMINI_PORTED, reason="needs the collect/retry edits for Gemini", strict=True)
+
+
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """No real keys or URLs; state in tmp; cwd in tmp so no stray hipbatch.toml is read."""

@@ -19,17 +19,13 @@ from hipbatch.emulator.trap import TrapServer
 from hipbatch.render import REPO_ROOT, load_template
 from hipbatch.store import Store
 from hipbatch.submit import feed
-from tests.conftest import cli, make_hip_dir, point_at, read_dataset
+from tests.conftest import cli, make_hip_dir, needs_gemini_port, point_at, read_dataset
 from tests.test_crash import Killed, assert_nothing_lost_nothing_twice, crashing, ledger, prepare_only
 
 WAIT = ("collect", "--wait", "--poll-interval", "0.02", "--json")
 GEMINI = ("--provider", "gemini")
 
-#: Set to True once collect.py maps the JOB_STATE_* words and RESOURCE_EXHAUSTED and retry/submit read a line's
-#: id through providers.base.line_id (the small edits listed in the Gemini branch's report). Until then the
-#: tests that need them are expected to fail, and strict: a pass means the flag should be flipped.
-PORTED = False
-needs_port = pytest.mark.xfail(not PORTED, reason="needs the collect/retry edits for Gemini", strict=True)
+needs_port = needs_gemini_port
 
 
 @pytest.fixture
