@@ -69,10 +69,13 @@ def translate(what: str, where: str = "", key_env: str = DEFAULT_KEY_ENV) -> Ite
     except _transport_errors() as e:  # refused, reset, timed out: the SDK does not retry these either
         at = f" at {where}" if where else ""
         raise TransientError(f"{what}: cannot reach the Gemini API{at}: {type(e).__name__}: {e}") from e
-    except ValueError as e:  # the SDK's upload loop: "upload status is not finalized"
-        if "upload" not in str(e).lower():
-            raise
-        raise TransientError(f"{what}: {e}") from e
+    except ValueError as e:
+        # An answer cut short (not JSON), or the SDK's upload loop ending without a final status: worth another try.
+        if isinstance(e, json.JSONDecodeError | errors.UnknownApiResponseError) or "upload" in str(e).lower():
+            raise TransientError(f"{what}: {type(e).__name__}: {str(e)[:300]}") from e
+        raise
+    except KeyError as e:  # files.upload: the server returned no x-goog-upload-url
+        raise ProviderError(f"{what}: the server did not start a resumable upload ({e})") from e
 
 
 def api_error(what: str, e: Any, key_env: str = DEFAULT_KEY_ENV) -> ProviderError:
@@ -85,7 +88,8 @@ def api_error(what: str, e: Any, key_env: str = DEFAULT_KEY_ENV) -> ProviderErro
     if code in (408, 429) or code >= 500:
         err = TransientError(f"{what}: {label}: {message}")
         headers = getattr(getattr(e, "response", None), "headers", None)
-        err.retry_after = (retry_after_of(headers) if headers is not None else None) or retry_delay_of(e.details)
+        asked = retry_after_of(headers) if headers is not None else None
+        err.retry_after = asked if asked is not None else retry_delay_of(getattr(e, "details", None))
     elif code in (401, 403) or _bad_key(e):
         err = ProviderError(f"{what}: the provider rejected the API key in {key_env} ({label}): {message}")
     else:
@@ -104,7 +108,8 @@ def _bad_key(e: Any) -> bool:
 def retry_delay_of(details: Any) -> float | None:
     """Seconds from a google.rpc.RetryInfo detail (`"retryDelay": "31s"`), if the error carries one."""
     error = details.get("error", details) if isinstance(details, dict) else None
-    for item in (error or {}).get("details") or [] if isinstance(error, dict) else []:
+    items = error.get("details") if isinstance(error, dict) else None
+    for item in items if isinstance(items, list) else []:
         if isinstance(item, dict) and str(item.get("@type", "")).endswith("google.rpc.RetryInfo"):
             try:
                 return float(str(item.get("retryDelay", "")).removesuffix("s"))
@@ -131,7 +136,7 @@ class Adapter(AdapterBase):
     name = "gemini"
     endpoint = "models.generateContent"  # recorded per request, part of its identity (the model is too)
     max_requests = 50_000  # the docs give no per-job count (only 2 GB a file): one failed job stays cheap
-    max_bytes = 2_000_000_000  # "2 GB" a file, read as the smaller of 10^9 and 2^30 multiples
+    max_bytes = 2_000_000_000  # "2 GB" a file: 2 x 10^9 bytes, under 2 GiB too
     has_metadata = True  # the display name carries the shard tag exactly
 
     def __init__(self, settings: ProviderSettings, client: genai.Client | None = None) -> None:
