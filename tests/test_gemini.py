@@ -301,6 +301,24 @@ def test_live_run_then_batch_sends_each_request_once(gemini: LocalBatchServer, h
     assert sorted(r["via"] for r in records) == ["batch"] * 4 + ["live"] * 2
 
 
+def test_live_429s_and_faults_are_retried_and_each_request_answered_once(
+    gemini: LocalBatchServer, tmp_path: Path
+) -> None:
+    gemini.config.live_429_rate = 0.3
+    gemini.config.retry_after_ms = 20
+    gemini.config.update(
+        {"fault_rate": 0.2, "fault_kinds": ["500", "drop"], "fault_routes": ["gemini.generate_content"]}
+    )
+    root = make_hip_dir(tmp_path / "kernels", 16)
+    report = json.loads(cli("run", root, *GEMINI, "--max-workers", "4", "--json").stdout)
+    faults = gemini.stats.faults
+    assert report["succeeded"] == 16 and report["left"] == 0
+    assert faults["live_429"] >= 1 and report["rate_limited"] == faults["live_429"]
+    assert report["calls"] == 16 + sum(faults.values())
+    assert set(gemini.stats.live_calls.values()) == {1} and len(gemini.stats.live_calls) == 16
+    assert_exact_dataset(root)
+
+
 def test_demo_runs_with_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
     out = cli("demo", "--provider", "gemini")
     records = json.loads(Path("data/demo-gemini.json").read_text(encoding="utf-8"))

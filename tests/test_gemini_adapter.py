@@ -116,6 +116,16 @@ def test_list_pages_through_every_job(adapter: Adapter, server: LocalBatchServer
     assert server.stats.hits["gemini.batches.list"] == 3
 
 
+def test_delete_hides_a_job_but_does_not_stop_it(adapter: Adapter, server: LocalBatchServer, tmp_path: Path) -> None:
+    server.config.polls_to_complete = 5
+    created = submit(adapter, write_shard(adapter, tmp_path / "s.jsonl", 3))
+    adapter.client.batches.delete(name=f"batches/{created.id}")
+    assert list(adapter.client.batches.list()) == []
+    assert len(server.stats.answered) == 3  # it still ran, and was billed
+    with pytest.raises(ProviderError, match="404"):
+        adapter.status(created.id)
+
+
 def test_cancel_keeps_what_finished(adapter: Adapter, server: LocalBatchServer, tmp_path: Path) -> None:
     server.config.polls_to_complete = 5
     shard = write_shard(adapter, tmp_path / "s.jsonl", 20)
