@@ -32,6 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 class ProviderName(StrEnum):
     openai = "openai"
     anthropic = "anthropic"
+    gemini = "gemini"
 
 
 class Format(StrEnum):

@@ -18,6 +18,7 @@ from hipbatch.providers import Provider
 from hipbatch.providers.base import iter_jsonl
 from hipbatch.providers.registry import Adapters
 from hipbatch.records import BatchInfo, Outcome, RequestState, Result
+from hipbatch.status import FAILED_STATES
 from hipbatch.store import Store
 
 if TYPE_CHECKING:
@@ -165,12 +166,12 @@ def _prices(adapters: Adapters) -> PriceTable | None:
 
 def _leftover(info: BatchInfo) -> tuple[str, str]:
     """What a request with no result line in a final batch is, by the batch's status."""
-    if info.status == "failed":
+    if info.status in FAILED_STATES:
         reasons = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in info.errors) or "batch failed"
         return RequestState.FAILED, f"batch failed validation: {reasons}"
-    if info.status == "expired":
-        return RequestState.EXPIRED, "the 24 h window passed before this request ran"
-    if info.status in ("cancelled", "cancelling", "canceling"):
+    if info.status in ("expired", "JOB_STATE_EXPIRED"):
+        return RequestState.EXPIRED, "the batch window (24 h; Gemini 48 h) passed before this request ran"
+    if info.status in ("cancelled", "cancelling", "canceling", "JOB_STATE_CANCELLED"):
         return RequestState.CANCELED, "the batch was cancelled before this request ran"
     return RequestState.MISSING, "the provider returned no line for this request"
 

@@ -586,7 +586,11 @@ def emulator(opts: EmulatorOptions, out: Out) -> None:
 
 
 #: provider -> (key variable, base URL variable) the demo points at its local server.
-DEMO_ENV = {"openai": ("OPENAI_API_KEY", "OPENAI_BASE_URL"), "anthropic": ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL")}
+DEMO_ENV = {
+    "openai": ("OPENAI_API_KEY", "OPENAI_BASE_URL"),
+    "anthropic": ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"),
+    "gemini": ("GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL"),  # GOOGLE_API_KEY wins over GEMINI_API_KEY: set it
+}
 
 
 @contextmanager

@@ -15,6 +15,7 @@ from typing import Any
 
 from hipbatch.config import Config
 from hipbatch.pack import Shard, ShardWriter, shard_prefix
+from hipbatch.providers.base import line_id
 from hipbatch.records import ShardRow, ShardState
 from hipbatch.store import Store
 
@@ -123,7 +124,7 @@ def without_answered(store: Store, shard: ShardRow) -> ShardRow | None:
     )
     with path.open("rb") as src:
         for raw in src:
-            custom_id = json.loads(raw).get("custom_id") if raw.strip() else None
+            custom_id = line_id(json.loads(raw)) if raw.strip() else None
             if custom_id in pending:
                 writer.add(raw if raw.endswith(b"\n") else raw + b"\n", custom_id, per_line)
     writer.close()

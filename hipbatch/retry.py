@@ -18,6 +18,7 @@ from typing import Any
 from hipbatch import poll
 from hipbatch.errors import UsageError
 from hipbatch.pack import Shard, ShardWriter, safe_name, shard_prefix
+from hipbatch.providers.base import line_id
 from hipbatch.providers.registry import Adapters
 from hipbatch.queue import Window
 from hipbatch.records import RETRYABLE, ShardRow
@@ -131,11 +132,11 @@ def _copy_lines(path: Path, rows: dict[str, dict[str, Any]], writer: ShardWriter
             if not raw.strip():
                 continue
             try:
-                custom_id = json.loads(raw).get("custom_id")
+                custom_id = line_id(json.loads(raw))
             except ValueError:
                 continue
-            row = rows.pop(custom_id, None) if isinstance(custom_id, str) else None
-            if row is None:
+            row = rows.pop(custom_id, None) if custom_id is not None else None
+            if row is None or custom_id is None:
                 continue
             writer.add(raw if raw.endswith(b"\n") else raw + b"\n", custom_id, int(row["est_input_tokens"] or 0))
             state = str(row["state"])

@@ -17,7 +17,9 @@ from hipbatch.records import RETRYABLE, BatchRow, RequestState
 from hipbatch.store import Store
 
 #: Batch-level error codes meaning "over the enqueued-token quota": the shard goes back to the queue.
-QUOTA_CODES = ("token_limit_exceeded",)
+QUOTA_CODES = ("token_limit_exceeded", "RESOURCE_EXHAUSTED")  # OpenAI's word, Gemini's
+#: A batch status meaning "the provider refused the batch as a whole" (OpenAI, Gemini).
+FAILED_STATES = ("failed", "JOB_STATE_FAILED")
 IN_FLIGHT = (RequestState.PENDING, RequestState.SUBMITTED)
 
 
@@ -43,7 +45,7 @@ def refresh(
             report.errors.append(f"{batch.id}: {e}")
             continue
         report.refreshed += 1
-        quota = info.status == "failed" and any(e.get("code") in QUOTA_CODES for e in info.errors)
+        quota = info.status in FAILED_STATES and any(e.get("code") in QUOTA_CODES for e in info.errors)
         # One transaction: a batch recorded as failed must never be left without its shard requeued.
         with store.atomic():
             store.update_batch(info)
@@ -56,7 +58,7 @@ def refresh(
                 # What is still enqueued is what the quota holds: send no more than that until a batch ends.
                 _, in_flight = store.in_flight(batch.provider, batch.model)
                 pick_window(window, batch.provider).refused(batch.model, in_flight)
-        elif window is not None and info.is_final and info.status != "failed":
+        elif window is not None and info.is_final and info.status not in FAILED_STATES:
             # The window grows back by what this batch held at the provider.
             _, tokens = store.shard_size(batch.shard_id)
             pick_window(window, batch.provider).succeeded(batch.model, tokens)

@@ -29,7 +29,18 @@ PROVIDER_ENV = (
     "HIPBATCH_STATE_DIR",
     "OPENAI_CUSTOM_HEADERS",
     "ANTHROPIC_CUSTOM_HEADERS",
+    "GEMINI_API_KEY",
+    "GOOGLE_API_KEY",
+    "GOOGLE_GEMINI_BASE_URL",
+    "GOOGLE_GENAI_USE_VERTEXAI",
 )
+
+
+#: True once collect.py maps Gemini's JOB_STATE_* words and RESOURCE_EXHAUSTED, and retry/submit read a line's id
+#: through providers.base.line_id (the edits listed in the Gemini branch's report). Until then the tests that need
+#: them are expected to fail (strict: a pass means this should be flipped) or, when slow, skipped.
+GEMINI_PORTED = True
+needs_gemini_port = pytest.mark.xfail(not GEMINI_PORTED, reason="needs the collect/retry edits for Gemini", strict=True)
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +68,9 @@ def point_at(server: LocalBatchServer, provider: str, monkeypatch: pytest.Monkey
     if provider == "openai":
         monkeypatch.setenv("OPENAI_BASE_URL", server.openai_base_url)
         monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    elif provider == "gemini":
+        monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", server.gemini_base_url)
+        monkeypatch.setenv("GEMINI_API_KEY", "test-key")
     else:
         monkeypatch.setenv("ANTHROPIC_BASE_URL", server.anthropic_base_url)
         monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
@@ -68,7 +82,7 @@ def openai_env(server: LocalBatchServer, monkeypatch: pytest.MonkeyPatch) -> Loc
     return server
 
 
-@pytest.fixture(params=["openai", "anthropic"])
+@pytest.fixture(params=["openai", "anthropic", "gemini"])
 def provider(request: pytest.FixtureRequest, server: LocalBatchServer, monkeypatch: pytest.MonkeyPatch) -> str:
     """Runs a test once per provider, with the environment pointing at the local server."""
     point_at(server, request.param, monkeypatch)

@@ -26,7 +26,7 @@ from hipbatch.providers.registry import Adapters, provider_for_job
 from hipbatch.render import load_template
 from hipbatch.store import Store
 from hipbatch.submit import feed
-from tests.conftest import cli, ledger_db, make_hip_dir, point_at, read_dataset
+from tests.conftest import GEMINI_PORTED, cli, ledger_db, make_hip_dir, point_at, read_dataset
 
 WAIT = ("collect", "--wait", "--poll-interval", "0.02", "--json")
 STATE = Path("state")
@@ -333,16 +333,20 @@ class Trials:
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "name",
+    ["openai", pytest.param("gemini", marks=pytest.mark.skipif(not GEMINI_PORTED, reason="collect/retry edits"))],
+)
+def test_sigkill_at_random_moments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     config = EmulatorConfig(seed=3, polls_to_complete=3, forms="tag", request_error_rate=0.2)
     with TrapServer(port=0, config=config) as server:
-        point_at(server, "openai", monkeypatch)
+        point_at(server, name, monkeypatch)
         trials = Trials(server, random.Random(20261127), tmp_path / "children.log")
         root = tmp_path / "kernels"
         collect = ["collect", "--wait", "--poll-interval", "0.05"]
         # (command, API calls it makes in a round (the range of the n-th-call trap), runs it may be killed in)
         commands: list[tuple[list[str], int, int]] = [
-            (["submit", str(root), "--max-requests-per-batch", "3"], 9, 2),
+            (["submit", str(root), "--provider", name, "--max-requests-per-batch", "3"], 9, 2),
             (collect, 14, 2),
             (["retry"], 3, 1),
             (collect, 0, 0),

@@ -13,6 +13,8 @@ from hipbatch.render import load_template
 from hipbatch.store import Store
 from tests.conftest import cli, ledger_db, make_hip_dir, read_dataset
 
+FINAL = {"openai": "completed", "anthropic": "ended", "gemini": "JOB_STATE_SUCCEEDED"}
+
 
 def user_text(path: Path, root: Path) -> str:
     template = load_template(Path("templates/default"))
@@ -26,7 +28,7 @@ def test_full_cycle_writes_exact_prompts(
     assert "6 new requests in 1 shards" in out.stderr
     assert server.stats.batches_created == 1
     status = json.loads(cli("status", "--json").stdout)
-    assert [b["status"] for b in status] == ["completed" if provider == "openai" else "ended"]
+    assert [b["status"] for b in status] == [FINAL[provider]]
     assert status[0]["provider"] == provider and status[0]["total"] == 6
     result = cli("collect", "--wait", "--poll-interval", "0.05")
     assert "succeeded 6, failed 0, pending 0" in result.stderr

@@ -18,9 +18,17 @@ from hipbatch.store import Store
 from tests.conftest import cli, ledger_db, make_hip_dir, read_dataset
 
 WAIT = ("collect", "--wait", "--poll-interval", "0.02", "--json")
-CREATE = {"openai": "openai.batches.create", "anthropic": "anthropic.batches.create"}
-RETRIEVE = {"openai": "openai.batches.retrieve", "anthropic": "anthropic.batches.retrieve"}
-DOWNLOAD = {"openai": "openai.files.content", "anthropic": "anthropic.batches.results"}
+CREATE = {"openai": "openai.batches.create", "anthropic": "anthropic.batches.create", "gemini": "gemini.batches.create"}
+RETRIEVE = {
+    "openai": "openai.batches.retrieve",
+    "anthropic": "anthropic.batches.retrieve",
+    "gemini": "gemini.batches.get",
+}
+DOWNLOAD = {
+    "openai": "openai.files.content",
+    "anthropic": "anthropic.batches.results",
+    "gemini": "gemini.files.download",
+}
 
 
 def all_ids() -> set[str]:
@@ -82,15 +90,15 @@ def test_create_refused_with_5xx_is_retried(provider: str, server: LocalBatchSer
 
 
 def adapter(server: LocalBatchServer, name: str) -> Any:
-    url = server.openai_base_url if name == "openai" else server.anthropic_base_url
-    return get_provider(ProviderSettings(name=name, key_env=f"{name.upper()}_API_KEY", base_url=url))
+    url = {"openai": server.openai_base_url, "anthropic": server.anthropic_base_url, "gemini": server.gemini_base_url}
+    return get_provider(ProviderSettings(name=name, key_env=f"{name.upper()}_API_KEY", base_url=url[name]))
 
 
-@pytest.mark.parametrize("name", ["openai", "anthropic"])
+@pytest.mark.parametrize("name", ["openai", "anthropic", "gemini"])
 def test_retry_after_is_honoured_and_capped(
     server: LocalBatchServer, name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("OPENAI_API_KEY" if name == "openai" else "ANTHROPIC_API_KEY", "test-key")
+    monkeypatch.setenv(f"{name.upper()}_API_KEY", "test-key")
     provider = adapter(server, name)
     server.config.fault_routes = (RETRIEVE[name],)
     server.config.fault_kinds = ("429",)

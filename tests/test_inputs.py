@@ -123,7 +123,7 @@ def test_help_starts_without_sdks() -> None:
     code = (
         "import sys; from typer.testing import CliRunner; from hipbatch.cli import app; "
         "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0; "
-        "print(sorted(m for m in ('openai', 'anthropic') if m in sys.modules))"
+        "print(sorted(m for m in ('openai', 'anthropic', 'google.genai', 'httpx2') if m in sys.modules))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env_without_keys()

@@ -36,7 +36,7 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+@pytest.mark.parametrize("provider", ["openai", "anthropic", "gemini"])
 @pytest.mark.parametrize(
     "params",
     [

@@ -1,5 +1,6 @@
 """LocalBatchServer: a stdlib HTTP/1.1 server on 127.0.0.1 that speaks enough of the OpenAI (files, batches,
-chat) and Anthropic (message batches, messages) APIs for the real SDKs, with seeded fault injection.
+chat), Anthropic (message batches, messages) and Gemini (files, batch mode, generateContent) APIs for the real
+SDKs, with seeded fault injection.
 
 Its control endpoints (/_emulator/stats|config|health, POST reset-stats|complete-all|config) need the server's
 token (`Authorization: Bearer <token>` or `X-Emulator-Token: <token>`; LocalBatchServer.control_token) and
@@ -36,6 +37,8 @@ from hipbatch.emulator.common import (
 )
 from hipbatch.emulator.config import FAULT_KINDS, IN_PROCESS_ONLY, EmulatorConfig
 from hipbatch.emulator.faults import BODY_FAULTS, cut_point, mangle
+from hipbatch.emulator.gemini_api import GeminiBackend, check_google_key
+from hipbatch.emulator.gemini_api import error_reply as gemini_error_reply
 from hipbatch.emulator.openai_api import OpenAIBackend, retry_headers
 from hipbatch.emulator.stats import EmulatorStats
 
@@ -69,7 +72,7 @@ class BodyTooLarge(Exception):
 
 @dataclass(frozen=True)
 class Route:
-    """One endpoint: method, path pattern, stats name, provider ("openai", "anthropic" or "either")."""
+    """One endpoint: method, path pattern, stats name, provider ("openai", "anthropic", "gemini" or "either")."""
 
     method: str
     pattern: re.Pattern[str]
@@ -107,11 +110,25 @@ ROUTES: tuple[Route, ...] = (
     ),
     _route("POST", r"/v1/messages", "anthropic.messages", "anthropic"),
     _route("GET", r"/v1/models/(.+)", "models.retrieve", "either"),
+    _route("POST", r"/upload/v1beta/files", "gemini.files.upload", "gemini"),
+    _route("GET", r"/v1beta/files/([^/:]+)", "gemini.files.get", "gemini"),
+    _route("DELETE", r"/v1beta/files/([^/:]+)", "gemini.files.delete", "gemini"),
+    _route("GET", r"/v1beta/files/([^/:]+):download", "gemini.files.download", "gemini", download=True),
+    _route("POST", r"/v1beta/models/([^/:]+):batchGenerateContent", "gemini.batches.create", "gemini"),
+    _route("GET", r"/v1beta/batches", "gemini.batches.list", "gemini"),
+    _route("GET", r"/v1beta/batches/([^/:]+)", "gemini.batches.get", "gemini"),
+    _route("DELETE", r"/v1beta/batches/([^/:]+)", "gemini.batches.delete", "gemini"),
+    _route("POST", r"/v1beta/batches/([^/:]+):cancel", "gemini.batches.cancel", "gemini"),
+    _route("POST", r"/v1beta/models/([^/:]+):generateContent", "gemini.generate_content", "gemini"),
+    _route("GET", r"/v1beta/models/([^/:]+)", "gemini.models.get", "gemini"),
 )
+GEMINI_PATHS = ("/v1beta/", "/upload/v1beta/")  # unknown URLs under these get Google's error shape
 
 
 def error_reply(err: ApiError, provider: str) -> Reply:
     """`err` in the provider's error shape."""
+    if provider == "gemini":
+        return gemini_error_reply(err)
     if provider == "anthropic":
         kind = err.type
         if kind not in ANTHROPIC_ONLY_TYPES and err.status in ANTHROPIC_STATUS_TYPES:
@@ -306,7 +323,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class LocalBatchServer:
-    """Local OpenAI + Anthropic batch server for tests and demos; bound at construction, served by start().
+    """Local OpenAI + Anthropic + Gemini batch server for tests and demos; bound at construction, served by start().
 
     `control_token` guards the /_emulator/ endpoints (default: a fresh random one, read it back from
     `server.control_token`); `control=False` turns them off. In-process users need neither: they use
@@ -328,6 +345,7 @@ class LocalBatchServer:
         self.core = Core(config or EmulatorConfig(), self.stats)
         self.openai = OpenAIBackend(self.core)
         self.anthropic = AnthropicBackend(self.core)
+        self.gemini = GeminiBackend(self.core)
         self._httpd = _HTTPServer((host, port), _Handler)
         self._httpd.emulator = self
         bound_host, bound_port = self._httpd.server_address[:2]
@@ -336,6 +354,7 @@ class LocalBatchServer:
         self.url = f"http://{self.host}:{self.port}"
         self.openai_base_url = self.url + "/v1"
         self.anthropic_base_url = self.url
+        self.gemini_base_url = self.url  # GOOGLE_GEMINI_BASE_URL: the SDK adds /v1beta/... itself
         self.core.base_url = self.url
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
@@ -360,6 +379,17 @@ class LocalBatchServer:
             "anthropic.batches.results": self.anthropic.results,
             "anthropic.messages": self.anthropic.create_message,
             "models.retrieve": self._model,
+            "gemini.files.upload": self.gemini.upload,
+            "gemini.files.get": self.gemini.get_file,
+            "gemini.files.delete": self.gemini.delete_file,
+            "gemini.files.download": self.gemini.download,
+            "gemini.batches.create": self.gemini.create_batch,
+            "gemini.batches.list": self.gemini.list_batches,
+            "gemini.batches.get": self.gemini.get_batch,
+            "gemini.batches.delete": self.gemini.delete_batch,
+            "gemini.batches.cancel": self.gemini.cancel_batch,
+            "gemini.generate_content": self.gemini.generate_content,
+            "gemini.models.get": self.gemini.get_model,
         }
 
     # ---- lifecycle ---------------------------------------------------------------------------------------
@@ -445,9 +475,10 @@ class LocalBatchServer:
         return {"Authorization": f"Bearer {self.control_token}", "Content-Type": "application/json"}
 
     def complete_all(self) -> None:
-        """Move every unfinished batch of both providers to its final state now."""
+        """Move every unfinished batch of every provider to its final state now."""
         self.openai.complete_all()
         self.anthropic.complete_all()
+        self.gemini.complete_all()
 
     def _track(self, conn: socket.socket, add: bool) -> None:
         with self._connections_lock:
@@ -505,12 +536,14 @@ class LocalBatchServer:
             f"Request body is over {exc.limit} bytes (at least {exc.size}); this server accepts at most {exc.limit}.",
             type="request_too_large",
         )
-        return error_reply(err, self._provider(self._match(method, path)[0], headers))
+        return error_reply(err, self._provider(self._match(method, path)[0], headers, path))
 
     @staticmethod
-    def _provider(route: Route | None, headers: dict[str, str]) -> str:
+    def _provider(route: Route | None, headers: dict[str, str], path: str) -> str:
         """Whose conventions an answer follows: the route's, or by header for routes both providers share."""
         provider = route.provider if route else "either"
+        if route is None and path.startswith(GEMINI_PATHS):
+            provider = "gemini"
         if provider == "either":
             provider = "anthropic" if "anthropic-version" in headers else "openai"
         return provider
@@ -520,7 +553,7 @@ class LocalBatchServer:
         if call.path.startswith(CONTROL_PREFIX):
             return self._internal(call)
         route, params, path_known = self._match(call.method, call.path)
-        provider = self._provider(route, call.headers)
+        provider = self._provider(route, call.headers, call.path)
         call.provider = provider
         call.params = params
         route_name = route.name if route else "unknown"
@@ -574,7 +607,9 @@ class LocalBatchServer:
     def _check_auth(self, call: Call) -> None:
         auth = call.headers.get("authorization", "")
         bearer = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-        if call.provider == "anthropic":
+        if call.provider == "gemini":
+            check_google_key(call)
+        elif call.provider == "anthropic":
             if not bearer and not call.headers.get("x-api-key", "").strip():
                 raise ApiError(
                     401,

@@ -12,6 +12,7 @@ from hipbatch.providers.base import BatchProvider, LiveProvider, Provider, Provi
 PROVIDERS: dict[str, tuple[str, str]] = {
     "openai": ("hipbatch.providers.openai", "OPENAI_API_KEY"),
     "anthropic": ("hipbatch.providers.anthropic", "ANTHROPIC_API_KEY"),
+    "gemini": ("hipbatch.providers.gemini", "GEMINI_API_KEY"),
 }
 
 

@@ -143,6 +143,14 @@ def retry_after_of(headers: Any) -> float | None:
     return None
 
 
+def line_id(line: Any) -> str | None:
+    """The custom_id of one batch input line: `custom_id` (OpenAI, Anthropic) or `key` (Gemini)."""
+    if not isinstance(line, dict):
+        return None
+    value = line.get("custom_id", line.get("key"))
+    return value if isinstance(value, str) else None
+
+
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
     """Lines of a JSONL file as dicts; a line that does not parse raises ValueError naming the line."""
     import json
