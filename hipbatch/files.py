@@ -1,0 +1,123 @@
+"""Reading input files safely: regular files only, inside their folder unless allowed, never more than a cap.
+
+A FIFO, socket or device is refused from its lstat, before any open (so nothing blocks, not even for an
+instant); the open itself uses O_NONBLOCK and O_NOFOLLOW, and fstat checks again that what was opened is the
+regular file that was checked. At most max_bytes + 1 bytes are ever read, so a file that grows while it is
+read, or a link to /dev/zero, cannot use more memory than the cap.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import stat
+
+DEFAULT_MAX_FILE_BYTES = 2 * 1024 * 1024  # no kernel source is this big; bigger files are skipped with a reason
+
+_OPEN_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NONBLOCK", 0)
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_NOCTTY", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
+class SkipFile(Exception):
+    """A source file that cannot be used; the message is the reason recorded."""
+
+
+def shown(text: str) -> str:
+    """Text from outside (a file name, a link target) with control characters escaped, safe to print."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def read_regular(
+    path: str | os.PathLike[str],
+    *,
+    root: str | os.PathLike[str] | None = None,
+    follow_symlinks: bool = False,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> bytes:
+    """The bytes of one regular file, or SkipFile with the reason.
+
+    A symlink is followed only to a regular file, and, unless follow_symlinks, only to one inside root (when
+    root is given). Files over max_bytes are refused from their size, and never read past max_bytes + 1.
+    """
+    path = os.fspath(path)
+    try:
+        info = os.lstat(path)
+    except OSError as e:
+        raise SkipFile(f"unreadable: {e.strerror}") from None
+    target = path
+    if stat.S_ISLNK(info.st_mode):
+        target, info = _link_target(path, root, follow_symlinks)
+    _check_kind(info.st_mode)
+    if info.st_size > max_bytes:
+        raise SkipFile(f"too large ({info.st_size:,} bytes > {max_bytes:,}; --max-file-bytes raises the cap)")
+    try:
+        fd = os.open(target, _OPEN_FLAGS)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SkipFile("changed into a symlink while being read") from None
+        raise SkipFile(f"unreadable: {e.strerror}") from None
+    try:
+        opened = os.fstat(fd)
+        if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+            raise SkipFile("replaced by another file while being read")
+        _check_kind(opened.st_mode)
+        return _read_at_most(fd, max_bytes)
+    finally:
+        os.close(fd)
+
+
+def _link_target(path: str, root: str | os.PathLike[str] | None, follow_symlinks: bool) -> tuple[str, os.stat_result]:
+    """Where a symlink leads, if it may be followed there, and that file's stat."""
+    real = os.path.realpath(path)
+    if root is not None and not follow_symlinks and not _inside(real, _real_root(os.fspath(root))):
+        raise SkipFile(f"symlink to {shown(real)}, outside INPUT_DIR (--follow-symlinks allows it)")
+    try:
+        return real, os.lstat(real)
+    except OSError as e:
+        raise SkipFile(f"broken symlink: {e.strerror}") from None
+
+
+def _check_kind(mode: int) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kinds = (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    )
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    raise SkipFile(f"not a regular file ({kind})")
+
+
+def _read_at_most(fd: int, max_bytes: int) -> bytes:
+    chunks = []
+    left = max_bytes + 1
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    if left <= 0:
+        raise SkipFile(f"too large (grew past {max_bytes:,} bytes while being read)")
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+@functools.lru_cache(maxsize=64)
+def _real_root(root: str) -> str:
+    return os.path.realpath(root)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
