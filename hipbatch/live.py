@@ -389,7 +389,7 @@ def _items(
             continue  # two files with the same content share one request
         seen.add(cid)
         try:
-            code = read_source(input_dir / row["file_name"])
+            code = read_source(input_dir / row["file_name"], root=input_dir)
         except (SkipFile, OSError):
             report.changed += 1
             continue

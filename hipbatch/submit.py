@@ -135,7 +135,7 @@ def prepare(
         for name in names:
             report.files += 1
             try:
-                code = read_source(os.path.join(base, name))
+                code = read_source(os.path.join(base, name), root=base)
             except SkipFile as e:
                 report.skipped.append((name, str(e)))
                 file_rows.append({"job": job, "file_name": name, "custom_id": None, "skip_reason": str(e)})
