@@ -42,11 +42,13 @@ def read_regular(
     root: str | os.PathLike[str] | None = None,
     follow_symlinks: bool = False,
     max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    root_label: str = "INPUT_DIR",
 ) -> bytes:
     """The bytes of one regular file, or SkipFile with the reason.
 
     A symlink is followed only to a regular file, and, unless follow_symlinks, only to one inside root (when
-    root is given). Files over max_bytes are refused from their size, and never read past max_bytes + 1.
+    root is given; root_label names it in the reason). Files over max_bytes are refused from their size, and
+    never read past max_bytes + 1.
     """
     path = os.fspath(path)
     try:
@@ -55,7 +57,7 @@ def read_regular(
         raise SkipFile(f"unreadable: {e.strerror}") from None
     target = path
     if stat.S_ISLNK(info.st_mode):
-        target, info = _link_target(path, root, follow_symlinks)
+        target, info = _link_target(path, root, follow_symlinks, root_label)
     _check_kind(info.st_mode)
     if info.st_size > max_bytes:
         raise SkipFile(f"too large ({info.st_size:,} bytes > {max_bytes:,}; --max-file-bytes raises the cap)")
@@ -75,11 +77,14 @@ def read_regular(
         os.close(fd)
 
 
-def _link_target(path: str, root: str | os.PathLike[str] | None, follow_symlinks: bool) -> tuple[str, os.stat_result]:
+def _link_target(
+    path: str, root: str | os.PathLike[str] | None, follow_symlinks: bool, root_label: str
+) -> tuple[str, os.stat_result]:
     """Where a symlink leads, if it may be followed there, and that file's stat."""
     real = os.path.realpath(path)
     if root is not None and not follow_symlinks and not _inside(real, _real_root(os.fspath(root))):
-        raise SkipFile(f"symlink to {shown(real)}, outside INPUT_DIR (--follow-symlinks allows it)")
+        hint = " (--follow-symlinks allows it)" if root_label == "INPUT_DIR" else ""
+        raise SkipFile(f"symlink to {shown(real)}, outside {root_label}{hint}")
     try:
         return real, os.lstat(real)
     except OSError as e:

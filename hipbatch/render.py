@@ -80,9 +80,10 @@ def load_template(path: Path | None = None) -> Template:
             raise TemplateError(f"{path / name}: {shown(str(e.message))}") from None
     toml_path = path / "template.toml"
     settings: dict[str, Any] = {}
-    if toml_path.is_file():
+    if os.path.lexists(toml_path):  # a FIFO or a link out of the folder is an error, not "no settings"
         try:
-            settings = tomllib.loads(read_regular(toml_path, max_bytes=MAX_TEMPLATE_BYTES).decode("utf-8"))
+            data = read_regular(toml_path, root=path, max_bytes=MAX_TEMPLATE_BYTES, root_label="the template folder")
+            settings = tomllib.loads(data.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError, SkipFile) as e:
             raise TemplateError(f"{toml_path}: {e}") from None
     try:
