@@ -58,7 +58,8 @@ def read_regular(
     target = path
     if stat.S_ISLNK(info.st_mode):
         target, info = _link_target(path, root, follow_symlinks, root_label)
-    _check_kind(info.st_mode)
+    if not stat.S_ISREG(info.st_mode):
+        _refuse_kind(info.st_mode)
     if info.st_size > max_bytes:
         raise SkipFile(f"too large ({info.st_size:,} bytes > {max_bytes:,}; --max-file-bytes raises the cap)")
     try:
@@ -69,10 +70,9 @@ def read_regular(
         raise SkipFile(f"unreadable: {e.strerror}") from None
     try:
         opened = os.fstat(fd)
-        if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+        if opened.st_ino != info.st_ino or opened.st_dev != info.st_dev:
             raise SkipFile("replaced by another file while being read")
-        _check_kind(opened.st_mode)
-        return _read_at_most(fd, max_bytes)
+        return _read_at_most(fd, max_bytes, opened.st_size)
     finally:
         os.close(fd)
 
@@ -91,9 +91,7 @@ def _link_target(
         raise SkipFile(f"broken symlink: {e.strerror}") from None
 
 
-def _check_kind(mode: int) -> None:
-    if stat.S_ISREG(mode):
-        return
+def _refuse_kind(mode: int) -> None:
     kinds = (
         (stat.S_ISDIR, "a folder"),
         (stat.S_ISFIFO, "a FIFO (named pipe)"),
@@ -105,18 +103,24 @@ def _check_kind(mode: int) -> None:
     raise SkipFile(f"not a regular file ({kind})")
 
 
-def _read_at_most(fd: int, max_bytes: int) -> bytes:
-    chunks = []
+def _read_at_most(fd: int, max_bytes: int, size: int) -> bytes:
+    """The file's bytes: one read of its size (+1, to see the end) in the usual case, never past max_bytes + 1."""
     left = max_bytes + 1
-    while left > 0:
-        chunk = os.read(fd, min(left, 1 << 24))
+    ask = min(size + 1, left)
+    data = os.read(fd, ask)
+    if len(data) < ask:  # a short read of a regular file: its end
+        return data
+    chunks = [data]
+    left -= len(data)
+    while left > 0:  # longer than fstat said (growing, or a /proc file): go on in bounded steps
+        chunk = os.read(fd, min(left, 1 << 16))
         if not chunk:
             break
         chunks.append(chunk)
         left -= len(chunk)
     if left <= 0:
         raise SkipFile(f"too large (grew past {max_bytes:,} bytes while being read)")
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return b"".join(chunks)
 
 
 @functools.lru_cache(maxsize=64)

@@ -43,8 +43,9 @@ class Template:
     def render(self, code: str, file_name: str) -> tuple[str, str]:
         """Render (system, user) for one source file."""
         variables = {"code": code, "file_name": file_name, "language": "HIP"}
-        system = self.static_system if self.static_system is not None else _render(self.system, variables)
-        return system, _render(self.user, variables)
+        size = len(code) + len(file_name)  # the sandbox's limits grow with the input
+        system = self.static_system if self.static_system is not None else _render(self.system, variables, size)
+        return system, _render(self.user, variables, size)
 
     def defaults_for(self, provider: str) -> dict[str, Any]:
         return {**self.params, **self.provider_params.get(provider, {})}
@@ -67,6 +68,7 @@ def resolve_template_dir(path: Path | None) -> Path:
 def load_template(path: Path | None = None) -> Template:
     """Load and compile a template folder (None: the built-in default); errors name the file and line."""
     path = resolve_template_dir(path)
+    BUDGET.start(0)  # compiling may fold constants through the checked filters: never against a spent budget
     env = Sandbox(path)
     templates = {}
     for name in ("system.j2", "user.j2"):
@@ -119,14 +121,14 @@ def _static_render(env: jinja2.Environment, template: jinja2.Template) -> str | 
         for kind in (jinja2.nodes.Include, jinja2.nodes.Extends, jinja2.nodes.Import, jinja2.nodes.FromImport)
     ):
         return None  # an included file may use the code
-    return _render(template, {"language": "HIP"})
+    return _render(template, {"language": "HIP"}, 0)
 
 
-def _render(template: jinja2.Template, variables: dict[str, Any]) -> str:
+def _render(template: jinja2.Template, variables: dict[str, Any], input_chars: int) -> str:
     # What Template.render does, with one dict instead of two copies per call (half its cost per file);
     # template.globals is a ChainMap, flattened once per template rather than once per file. The sandbox's
     # budget is reset per render; an error names the innermost template file and line.
-    BUDGET.start(sum(len(v) for v in variables.values() if isinstance(v, str)))
+    BUDGET.start(input_chars)
     try:
         flat = template.__dict__.get("_hipbatch_globals")
         if flat is None:

@@ -50,17 +50,20 @@ class Budget(threading.local):
     """What one render may still spend; one per thread, reset by start() before each render."""
 
     def __init__(self) -> None:
+        self.memo: dict[int, tuple[Any, int]] = {}  # id -> (container, weight); containers cannot change here
         self.start(0)
 
     def start(self, input_chars: int) -> None:
         self.steps = MAX_STEPS
         self.value_limit = BASE_VALUE_CHARS + 4 * input_chars
         self.chars = TOTAL_FACTOR * self.value_limit
-        self.memo: dict[int, tuple[Any, int]] = {}  # id -> (container, weight); containers cannot change here
+        if self.memo:
+            self.memo = {}
 
     def finish(self) -> None:
-        """A fresh budget again: what runs between renders (loading a template) never finds it spent."""
-        self.start(0)
+        """Drop what the render's containers held; the next start() (each render, each load) resets the rest."""
+        if self.memo:
+            self.memo = {}
 
     def step(self, n: int = 1) -> None:
         self.steps -= n
@@ -79,9 +82,12 @@ class Budget(threading.local):
 
     def produced(self, value: Any, what: str) -> Any:
         """A value just built: check its size and count it against the render's total."""
-        size = len(value) if isinstance(value, str) else self.weight(value)
-        self.need(size, what)
-        self.spend(size)
+        size = len(value) if value.__class__ is str else self.weight(value)  # a str first: the usual case
+        if size > self.value_limit:
+            self.need(size, what)
+        self.chars -= size
+        if self.chars < 0:
+            self.spend(0)
         return value
 
     def weight(self, value: Any) -> int:
@@ -168,6 +174,11 @@ def _check_join(sep: Any, args: tuple[Any, ...], what: str) -> tuple[Any, ...]:
     return (items, *args[1:])
 
 
+_AMPLIFIERS = frozenset(
+    {"center", "ljust", "rjust", "zfill", "expandtabs", "replace", "join", "translate", "maketrans"}
+)
+
+
 def _method_check(owner: str | bytes, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """Checks for the str and bytes methods that can build a much longer value than their input."""
     what = f"{type(owner).__name__}.{name}()"
@@ -231,7 +242,7 @@ def _guarded(name: str, func: Callable[..., Any], kind: str) -> Callable[..., An
 
     @functools.wraps(func)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        BUDGET.step(cost(args[skip:]) + cost(kwargs.values()) - 1)
+        BUDGET.step(cost(args[skip:]) + cost(kwargs.values()) - 1 if kwargs else cost(args[skip:]))
         if check:
             args = (*args[:skip], *_filter_check(name, args[skip:], kwargs))
         return BUDGET.produced(func(*args, **kwargs), what)
@@ -268,6 +279,13 @@ def _touched(value: Any) -> Any:
 
 
 def _finalize(value: Any) -> Any:
+    """Every {{ value }} printed: counted against the render's total (a string was checked when built)."""
+    if value.__class__ is str:
+        budget = BUDGET
+        budget.chars -= len(value)
+        if budget.chars < 0:
+            budget.spend(0)
+        return value
     BUDGET.step()
     return BUDGET.produced(value, "printing a value")
 
@@ -410,10 +428,14 @@ class Sandbox(ImmutableSandboxedEnvironment):
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         owner = getattr(__obj, "__self__", None)
-        # A macro call (frame, arguments, its own output buffer) costs about 20 loop iterations.
-        BUDGET.step(cost((owner, *args)) + cost(kwargs.values()) + (MACRO_STEPS if isinstance(__obj, Macro) else -1))
+        steps = cost(args) + cost(kwargs.values()) - 1 if kwargs else cost(args)
         if isinstance(owner, str | bytes):
-            args = _method_check(owner, getattr(__obj, "__name__", ""), args, kwargs)
+            steps += len(owner) >> 9
+            if __obj.__name__ in _AMPLIFIERS:
+                args = _method_check(owner, __obj.__name__, args, kwargs)
+        elif isinstance(__obj, Macro):
+            steps += MACRO_STEPS  # a macro call (frame, arguments, output buffer) costs ~20 loop iterations
+        BUDGET.step(steps)
         return BUDGET.produced(super().call(__context, __obj, *args, **kwargs), "a call")
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
