@@ -77,9 +77,9 @@ def load_template(path: Path | None = None) -> Template:
         try:
             templates[name] = env.get_template(name)
         except jinja2.TemplateSyntaxError as e:
-            raise TemplateError(f"{path / name}:{e.lineno}: template syntax error: {shown(e.message or '')}") from None
+            raise TemplateError(shown(f"{path / name}:{e.lineno}: template syntax error: {e.message}")) from None
         except jinja2.TemplateError as e:
-            raise TemplateError(f"{path / name}: {shown(str(e.message))}") from None
+            raise TemplateError(shown(f"{path / name}: {e.message}")) from None
     toml_path = path / "template.toml"
     settings: dict[str, Any] = {}
     if os.path.lexists(toml_path):  # a FIFO or a link out of the folder is an error, not "no settings"

@@ -494,7 +494,7 @@ def error_message(error: BaseException, fallback: str) -> str:
             )
         tb = tb.tb_next
     if isinstance(error, jinja2.TemplateSyntaxError):
-        return f"{error.filename or where}:{error.lineno}: template syntax error: {error.message}"
+        return shown(f"{error.filename or where}:{error.lineno}: template syntax error: {error.message}")
     if isinstance(error, RenderLimit):
         text = f"over the template's budget: {error}"
     elif isinstance(error, SecurityError):
@@ -509,4 +509,4 @@ def error_message(error: BaseException, fallback: str) -> str:
         text = "out of memory"
     else:
         text = f"{type(error).__name__}: {error}"
-    return f"{where}:{line}: {shown(text)}"
+    return shown(f"{where}:{line}: {text}")
