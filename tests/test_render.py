@@ -244,3 +244,44 @@ def test_rendered_lines_of_the_default_template_are_unchanged(hip_dir: Path) -> 
     )
     assert body["messages"][1]["content"] == expected_user
     assert body["messages"][0]["content"].startswith("You are an expert GPU programmer who knows HIP")
+
+
+LEGIT = [
+    "{% for l in code.splitlines() %}{{ loop.index }}/{{ loop.length }}/{{ loop.revindex }} {% endfor %}",
+    "{% for k, v in {'b': 2, 'a': 1} | dictsort %}{{ k }}={{ v }};{% endfor %}",
+    "{% for x in [] %}never{% else %}empty{% endfor %}",
+    "{% for x in [[1, [2]], [3]] recursive %}<{{ loop.depth }}"
+    "{% if x is iterable %}{{ loop(x) }}{% else %}{{ x }}{% endif %}>{% endfor %}",
+    "{% macro box(t) %}[{{ caller() }}|{{ t }}]{% endmacro %}{% call box('x') %}inner {{ file_name }}{% endcall %}",
+    "{% filter upper %}shout {{ file_name }}{% endfilter %}",
+    "{% set block %}a{{ 1 + 2 }}b{% endset %}{{ block ~ '!' ~ 3 }}",
+    "{{ 'yes' if code else 'no' }} {{ 3 is divisibleby(3) }} {{ nope is defined }} {{ 1 < 2 < 3 }}",
+    "{{ code | truncate(12) }}|{{ code | wordcount }}|{{ {'a': [1, 2]} | tojson }}|{{ code | length }}",
+    "{% for i in range(4) %}{{ loop.cycle('a', 'b') }}{% endfor %} {{ 'a' in ['a', 'b'] }} {{ {'a': 1}['a'] }}",
+    "{% with n = 2 %}{{ n ** 10 }} {{ 7 // n }} {{ 7 % n }} {{ '%05.1f' % 3.14159 }}"
+    "{{ '{:>6}'.format('r') }}{% endwith %}",
+    "{{ (code * 2)[:5] }} {{ [1, 2] + [3] }} {{ (1, 2) * 2 }} {{ 'ab' | center(6) }}|{{ 'x\ny' | indent(2, true) }}",
+    "{{ code.replace('x', 'yy') | replace('y', 'z') }} {{ '-'.join(['a', 'b']) }} {{ ['p', 'q'] | join(',') }}",
+    "{{ range(5) | batch(2, 0) | list }} {{ range(5) | slice(2) | list }} {{ [1, 2] | sum(start=10) }}",
+]
+
+
+@pytest.mark.parametrize("text", LEGIT)
+def test_legitimate_templates_render_as_plain_jinja_does(tmp_path: Path, text: str) -> None:
+    import jinja2
+
+    code = "x = 1\nint main() { return x; }\n"
+    plain = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(text)
+    expected = plain.render(code=code, file_name="k.hip", language="HIP")
+    assert load_template(make_template(tmp_path / "tpl", text)).render(code, "k.hip")[1] == expected
+
+
+def test_extends_and_blocks_render_as_plain_jinja_does(tmp_path: Path) -> None:
+    import jinja2
+
+    files = {"base.j2": "<{% block body %}base {{ file_name }}{% endblock %}>"}
+    user = "{% extends 'base.j2' %}{% block body %}{{ super() }} + child{% endblock %}"
+    folder = make_template(tmp_path / "tpl", user, **files)
+    plain = jinja2.Environment(loader=jinja2.FileSystemLoader(str(folder)), undefined=jinja2.StrictUndefined)
+    expected = plain.get_template("user.j2").render(code=CODE, file_name="k.hip", language="HIP")
+    assert load_template(folder).render(CODE, "k.hip")[1] == expected == "<base k.hip + child>"
