@@ -9,7 +9,6 @@ read, or a link to /dev/zero, cannot use more memory than the cap.
 from __future__ import annotations
 
 import errno
-import functools
 import os
 import stat
 
@@ -81,8 +80,8 @@ def _link_target(
     path: str, root: str | os.PathLike[str] | None, follow_symlinks: bool, root_label: str
 ) -> tuple[str, os.stat_result]:
     """Where a symlink leads, if it may be followed there, and that file's stat."""
-    real = os.path.realpath(path)
-    if root is not None and not follow_symlinks and not _inside(real, _real_root(os.fspath(root))):
+    real = os.path.realpath(path)  # root is resolved afresh too (only links get here): a chdir cannot mislead it
+    if root is not None and not follow_symlinks and not _inside(real, os.path.realpath(root)):
         hint = " (--follow-symlinks allows it)" if root_label == "INPUT_DIR" else ""
         raise SkipFile(f"symlink to {shown(real)}, outside {root_label}{hint}")
     try:
@@ -121,11 +120,6 @@ def _read_at_most(fd: int, max_bytes: int, size: int) -> bytes:
     if left <= 0:
         raise SkipFile(f"too large (grew past {max_bytes:,} bytes while being read)")
     return b"".join(chunks)
-
-
-@functools.lru_cache(maxsize=64)
-def _real_root(root: str) -> str:
-    return os.path.realpath(root)
 
 
 def _inside(path: str, root: str) -> bool:
