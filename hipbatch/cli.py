@@ -490,6 +490,53 @@ def demo(
     views.demo_end(ops.demo(provider.value, output_file, Out(), show_status, show_cost))
 
 
+# ---- built-in templates: `templates` and `init` ---------------------------------------------------
+# One self-contained block (the logic is in hipbatch/defaults.py), to be ported as is.
+
+
+@app.command("templates")
+@reports_errors
+def templates_command() -> None:
+    """List the built-in templates: name and description. `default` is used when --template-dir is not given.
+
+    Example: hipbatch templates
+    """
+    from hipbatch.defaults import builtin_templates
+    from hipbatch.files import shown
+
+    found = builtin_templates()
+    width = max((len(name) for name, _ in found), default=0)
+    for name, description in found:
+        typer.echo(f"{shown(name).ljust(width)}  {shown(description)}".rstrip())
+
+
+@app.command("init")
+@reports_errors
+def init_command(
+    directory: Annotated[
+        Path | None, typer.Argument(help="Folder to write into (default: ./NAME).", show_default=False)
+    ] = None,
+    template: Annotated[
+        str, typer.Option("--template", help="Built-in template to copy (see `hipbatch templates`).")
+    ] = "default",
+) -> None:
+    """Write a copy of a built-in template and a commented hipbatch.toml to start from. Never overwrites a file.
+
+    Example: hipbatch init my-template --template default
+    """
+    from hipbatch.defaults import init_template
+    from hipbatch.files import shown
+
+    dest = directory if directory is not None else Path(template)
+    for path in init_template(dest, template):
+        err(f"Wrote {shown(str(path))}")
+    where = shown(str(dest))
+    err(
+        f"Next: edit the templates, then `hipbatch submit DIR --template-dir {where}`; for settings, move "
+        f"{where}/hipbatch.toml to the folder you run hipbatch from, or pass --config {where}/hipbatch.toml."
+    )
+
+
 def main() -> None:
     app(prog_name="hipbatch")
 

@@ -227,7 +227,8 @@ def collect(ctx: Context, opts: CollectOptions, out: Out, kept: Windows | None =
     from hipbatch.collect import reextract
     from hipbatch.dataset import parse_fields
 
-    parse_fields(opts.fields)  # a bad --fields fails before any network call
+    parse_fields(opts.fields)  # a bad --fields or config value fails before anything is read or sent
+    config = ctx.config(out)
     if not (ctx.state_dir / "hipbatch.db").exists():
         # Nothing was ever submitted from here: write nothing (an existing dataset stays as it is).
         out.note(f"No hipbatch state in {ctx.state_dir}: nothing to collect, {opts.output_file} left as it was.")
@@ -240,7 +241,6 @@ def collect(ctx: Context, opts: CollectOptions, out: Out, kept: Windows | None =
         with locked(store):
             summary["reextracted"] = reextract(store, opts.job)
     else:
-        config = ctx.config(out)
         prices = cost.load_prices(config)
         if kept is None:
             kept = windows(config, opts.max_in_flight_batches, opts.max_enqueued_tokens)

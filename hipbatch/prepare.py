@@ -63,7 +63,7 @@ class Source:
         """The matching file names, sorted, at most `limit`; a bad INPUT_DIR or no match is a UsageError."""
         from hipbatch.render import iter_discover
 
-        found = iter_discover(self.input_dir, self.pattern)
+        found = iter_discover(self.input_dir, self.pattern, follow_symlinks=self.follow_symlinks)
         first = next(found, None)
         if first is None:
             raise UsageError(f"INPUT_DIR {self.input_dir}: no files match --glob {self.pattern!r}")
@@ -73,13 +73,19 @@ class Source:
         """How many files names() gives (a second listing: cheap next to reading the files)."""
         from hipbatch.render import iter_discover
 
-        return sum(1 for _ in itertools.islice(iter_discover(self.input_dir, self.pattern), self.limit))
+        found = iter_discover(self.input_dir, self.pattern, follow_symlinks=self.follow_symlinks)
+        return sum(1 for _ in itertools.islice(found, self.limit))
 
     def read(self, name: str) -> str:
-        """One file's text, or SkipFile with the reason."""
-        from hipbatch.render import read_source
+        """One file's text, or SkipFile with the reason (only regular files inside INPUT_DIR, up to the cap)."""
+        from hipbatch.render import DEFAULT_MAX_FILE_BYTES, read_source
 
-        return read_source(os.path.join(self.input_dir, name))
+        return read_source(
+            os.path.join(self.input_dir, name),
+            root=self.input_dir,
+            follow_symlinks=self.follow_symlinks,
+            max_bytes=self.max_file_bytes or DEFAULT_MAX_FILE_BYTES,
+        )
 
 
 def prepare(
@@ -123,7 +129,8 @@ def prepare(
         from hipbatch.render import iter_discover
 
         if store.file_count(source.job) > report.files:
-            store.forget_files_not_in(source.job, iter_discover(source.input_dir, source.pattern))
+            found = iter_discover(source.input_dir, source.pattern, follow_symlinks=source.follow_symlinks)
+            store.forget_files_not_in(source.job, found)
     return report
 
 

@@ -15,12 +15,16 @@ from typing import Any
 
 import jinja2
 
+from hipbatch.config import check_request
 from hipbatch.errors import TemplateError, UsageError
 from hipbatch.extract import ExtractSettings
+from hipbatch.files import DEFAULT_MAX_FILE_BYTES, read_regular, shown
+from hipbatch.files import SkipFile as SkipFile  # re-exported: the callers catch render.SkipFile
+from hipbatch.sandbox import BUDGET, MAX_TEMPLATE_BYTES, Sandbox, error_message
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEMPLATE_DIR = Path("templates/default")
-MAX_SOURCE_BYTES = 2 * 1024 * 1024  # a "source file" bigger than this is not a kernel; skipped with a reason
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when run from one (tests use it)
+DEFAULT_TEMPLATE_DIR = Path("templates/default")  # --template-dir's default: the built-in `default` template
+MAX_SOURCE_BYTES = DEFAULT_MAX_FILE_BYTES  # the old name
 
 #: The provider-neutral request parameter for structured output, {"name": str, "schema": dict}; every adapter
 #: maps it in to_line (OpenAI response_format, Anthropic output_config, Gemini responseJsonSchema).
@@ -43,35 +47,38 @@ class Template:
     provider_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # [request.<provider>]
     extract: ExtractSettings = field(default_factory=ExtractSettings)
     static_system: str | None = None  # the system prompt, rendered once when it uses no per-file variable
+    warnings: list[str] = field(default_factory=list)  # unknown keys in template.toml, shown by the caller
 
     def render(self, code: str, file_name: str) -> tuple[str, str]:
         """Render (system, user) for one source file."""
         variables = {"code": code, "file_name": file_name, "language": "HIP"}
-        system = self.static_system if self.static_system is not None else _render(self.system, variables)
-        return system, _render(self.user, variables)
+        size = len(code) + len(file_name)  # the sandbox's limits grow with the input
+        system = self.static_system if self.static_system is not None else _render(self.system, variables, size)
+        return system, _render(self.user, variables, size)
 
     def defaults_for(self, provider: str) -> dict[str, Any]:
         return {**self.params, **self.provider_params.get(provider, {})}
 
 
-def resolve_template_dir(path: Path) -> Path:
-    """The given folder, or the bundled default when the default is asked for outside the repo."""
+def resolve_template_dir(path: Path | None) -> Path:
+    """The given folder; None, or templates/default where there is no such folder, is the built-in default."""
+    from hipbatch.defaults import builtin_template_dir
+
+    if path is None:
+        return builtin_template_dir("default")
     if path.is_dir():
         return path
-    if path == DEFAULT_TEMPLATE_DIR and (REPO_ROOT / path).is_dir():
-        return REPO_ROOT / path
-    raise UsageError(f"--template-dir {path}: not a folder")
+    if path == DEFAULT_TEMPLATE_DIR:
+        return builtin_template_dir("default")
+    what = "not a folder" if path.exists() else "no such folder"
+    raise UsageError(f"--template-dir {shown(str(path))}: {what} (`hipbatch templates` lists the built-in ones)")
 
 
-def load_template(path: Path) -> Template:
-    """Load and compile a template folder; errors name the file and line."""
+def load_template(path: Path | None = None) -> Template:
+    """Load and compile a template folder (None: the built-in default); errors name the file and line."""
     path = resolve_template_dir(path)
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(path)),
-        undefined=jinja2.StrictUndefined,
-        keep_trailing_newline=False,
-        autoescape=False,
-    )
+    BUDGET.start(0)  # compiling may fold constants through the checked filters: never against a spent budget
+    env = Sandbox(path)
     templates = {}
     for name in ("system.j2", "user.j2"):
         if not (path / name).is_file():
@@ -79,16 +86,21 @@ def load_template(path: Path) -> Template:
         try:
             templates[name] = env.get_template(name)
         except jinja2.TemplateSyntaxError as e:
-            raise TemplateError(f"{path / name}:{e.lineno}: template syntax error: {e.message}") from None
+            raise TemplateError(shown(f"{path / name}:{e.lineno}: template syntax error: {e.message}")) from None
+        except jinja2.TemplateError as e:
+            raise TemplateError(shown(f"{path / name}: {e.message}")) from None
     toml_path = path / "template.toml"
     settings: dict[str, Any] = {}
-    if toml_path.is_file():
+    if os.path.lexists(toml_path):  # a FIFO or a link out of the folder is an error, not "no settings"
         try:
-            settings = tomllib.loads(toml_path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
+            data = read_regular(toml_path, root=path, max_bytes=MAX_TEMPLATE_BYTES, root_label="the template folder")
+            settings = tomllib.loads(data.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, SkipFile) as e:
             raise TemplateError(f"{toml_path}: {e}") from None
-    request = dict(settings.get("request", {}))
-    provider_params = {k: request.pop(k) for k in list(request) if isinstance(request[k], dict)}
+    try:
+        request, provider_params, warnings = check_request(settings.get("request", {}), str(toml_path))
+    except UsageError as e:
+        raise TemplateError(str(e)) from None
     json_schema, json_field = output_settings(settings.get("output", {}), path, toml_path)
     if json_schema is not None:
         request[JSON_SCHEMA_PARAM] = json_schema  # a request parameter, hence part of every custom_id
@@ -111,6 +123,7 @@ def load_template(path: Path) -> Template:
         provider_params,
         extract,
         _static_render(env, templates["system.j2"]),
+        warnings,
     )
 
 
@@ -189,69 +202,61 @@ def _static_render(env: jinja2.Environment, template: jinja2.Template) -> str | 
         for kind in (jinja2.nodes.Include, jinja2.nodes.Extends, jinja2.nodes.Import, jinja2.nodes.FromImport)
     ):
         return None  # an included file may use the code
-    return _render(template, {"language": "HIP"})
+    return _render(template, {"language": "HIP"}, 0)
 
 
-def _render(template: jinja2.Template, variables: dict[str, Any]) -> str:
+def _render(template: jinja2.Template, variables: dict[str, Any], input_chars: int) -> str:
+    # What Template.render does, with one dict instead of two copies per call (half its cost per file);
+    # template.globals is a ChainMap, flattened once per template rather than once per file. The sandbox's
+    # budget is reset per render; an error names the innermost template file and line.
+    BUDGET.start(input_chars)
     try:
-        # What Template.render does, with one dict instead of two copies per call (half its cost per file);
-        # template.globals is a ChainMap, flattened once per template rather than once per file.
         flat = template.__dict__.get("_hipbatch_globals")
         if flat is None:
             flat = template.__dict__["_hipbatch_globals"] = dict(template.globals)
         context = template.new_context({**flat, **variables}, shared=True)
         return template.environment.concat(template.root_render_func(context))
-    except Exception:
-        pass  # render again the usual way, so the error points at the template's own line
-    try:
-        return template.render(variables)
-    except jinja2.UndefinedError as e:
-        line = _template_line(e)
-        raise TemplateError(f"{template.filename}:{line}: {e.message}") from None
-    except jinja2.TemplateError as e:
-        raise TemplateError(f"{template.filename}: {e}") from None
-
-
-def _template_line(error: BaseException) -> str:
-    tb = error.__traceback__
-    line = "?"
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename.endswith(".j2"):
-            line = str(tb.tb_lineno)
-        tb = tb.tb_next
-    return line
+    except Exception as e:  # anything a template does wrong is the template's error, never a traceback
+        raise TemplateError(error_message(e, template.filename or "template")) from None
+    finally:
+        BUDGET.finish()
 
 
 # ---- discovery ------------------------------------------------------------------------------------
 
 
-def discover(input_dir: Path, pattern: str = "**/*.hip") -> list[str]:
+def discover(input_dir: Path, pattern: str = "**/*.hip", *, follow_symlinks: bool = False) -> list[str]:
     """Relative posix names of the files under input_dir matching the glob, sorted."""
-    return list(iter_discover(input_dir, pattern))
+    return list(iter_discover(input_dir, pattern, follow_symlinks=follow_symlinks))
 
 
-def iter_discover(input_dir: Path, pattern: str = "**/*.hip") -> Iterator[str]:
+def iter_discover(input_dir: Path, pattern: str = "**/*.hip", *, follow_symlinks: bool = False) -> Iterator[str]:
     """The same names as discover(), in the same sorted order, found lazily one folder at a time.
 
-    A bad INPUT_DIR raises here, at the call; the walk itself starts on the first next().
+    Every entry that is not a folder is listed (FIFOs, devices and links too: read_source skips them with a
+    reason). Linked folders are entered only with follow_symlinks, and a folder already on the way down is
+    never entered again (no loops). A bad INPUT_DIR raises here, at the call; the walk starts on next().
     """
     if not input_dir.exists():
-        raise UsageError(f"INPUT_DIR {input_dir}: no such folder")
+        raise UsageError(f"INPUT_DIR {shown(str(input_dir))}: no such folder")
     if not input_dir.is_dir():
-        raise UsageError(f"INPUT_DIR {input_dir}: not a folder")
+        raise UsageError(f"INPUT_DIR {shown(str(input_dir))}: not a folder")
     # '**/' matches zero or more folders, as in pathlib: try the pattern with and without it.
     patterns = {pattern}
     while pattern.startswith("**/"):
         pattern = pattern[3:]
         patterns.add(pattern)
     matchers = tuple(re.compile(fnmatch.translate(p)).match for p in sorted(patterns))
-    return _walk_sorted(str(input_dir), "", matchers)
+    base = str(input_dir)
+    return _walk_sorted(base, "", matchers, {_folder_id(base)} if follow_symlinks else None)
 
 
-def _walk_sorted(base: str, rel: str, matchers: tuple[Callable[[str], Any], ...]) -> Iterator[str]:
+def _walk_sorted(
+    base: str, rel: str, matchers: tuple[Callable[[str], Any], ...], above: set[tuple[int, int]] | None = None
+) -> Iterator[str]:
     # A folder sorts as "name/", so visiting entries in that order yields exactly sorted(all relative
-    # paths) without holding them all. Symlinked folders are not entered (as os.walk); unreadable ones
-    # are skipped.
+    # paths) without holding them all. Symlinked folders are entered only when `above` (the folders on the
+    # way down, by device and inode) is given; unreadable ones are skipped.
     try:
         with os.scandir(os.path.join(base, rel) if rel else base) as it:
             entries = []
@@ -262,34 +267,47 @@ def _walk_sorted(base: str, rel: str, matchers: tuple[Callable[[str], Any], ...]
                     is_dir = False
                 if not is_dir:
                     entries.append((entry.name, False))
-                elif not entry.is_symlink():
+                elif above is not None or not entry.is_symlink():
                     entries.append((entry.name + "/", True))
     except OSError:
         return
     entries.sort()
     for key, is_dir in entries:
         if is_dir:
-            yield from _walk_sorted(base, rel + key, matchers)
+            if above is None:
+                yield from _walk_sorted(base, rel + key, matchers)
+                continue
+            folder = _folder_id(os.path.join(base, rel + key))
+            if folder not in above:  # a link back to a folder above would loop forever
+                yield from _walk_sorted(base, rel + key, matchers, above | {folder})
         else:
             name = rel + key
             if any(match(name) for match in matchers):
                 yield name
 
 
-class SkipFile(Exception):
-    """A source file that cannot be used; the message is the reason recorded."""
-
-
-def read_source(path: Path | str) -> str:
-    """Read one source file as UTF-8 text, or raise SkipFile with the reason."""
+def _folder_id(path: str) -> tuple[int, int]:
     try:
-        with open(path, "rb") as fh:  # one open, then fstat: no second path walk
-            size = os.fstat(fh.fileno()).st_size
-            if size > MAX_SOURCE_BYTES:
-                raise SkipFile(f"too large ({size} bytes > {MAX_SOURCE_BYTES})")
-            data = fh.read()
-    except OSError as e:
-        raise SkipFile(f"unreadable: {e.strerror}") from None
+        info = os.stat(path)
+    except OSError:
+        return (-1, -1)
+    return (info.st_dev, info.st_ino)
+
+
+def read_source(
+    path: Path | str,
+    *,
+    root: Path | str | None = None,
+    follow_symlinks: bool = False,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> str:
+    """Read one source file as UTF-8 text, or raise SkipFile with the reason.
+
+    Only regular files are read: FIFOs, sockets and devices are skipped from their lstat, never opened; a
+    symlink whose target is outside root is skipped unless follow_symlinks; a file over max_bytes is skipped
+    and never read past max_bytes + 1.
+    """
+    data = read_regular(path, root=root, follow_symlinks=follow_symlinks, max_bytes=max_bytes)
     if not data or data.isspace():
         raise SkipFile("empty")
     if b"\x00" in data:

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hipbatch.emulator import LocalBatchServer
+from hipbatch.files import DEFAULT_MAX_FILE_BYTES
+from hipbatch.render import SkipFile, discover, read_source
 from hipbatch.store import Store
-from tests.conftest import cli, env_without_keys, read_dataset
+from tests.conftest import cli, env_without_keys, make_hip_dir, read_dataset
 
 
 def test_missing_input_dir(tmp_path: Path) -> None:
@@ -139,3 +145,91 @@ def test_every_command_has_help_with_an_example() -> None:
     for name in names:
         out = cli(name.replace("_", "-"), "--help")
         assert "Example:" in out.stdout, name
+
+
+# ---- only regular files inside INPUT_DIR are read ------------------------------------------------------
+
+
+@pytest.fixture
+def deadline() -> Iterator[None]:
+    """A read that blocks (a FIFO opened without O_NONBLOCK) fails the test instead of hanging the suite."""
+
+    def expired(signum: int, frame: object) -> None:
+        raise TimeoutError("reading the input folder blocked")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_special_files_are_skipped_with_reasons_and_the_rest_go_on(
+    hip_dir: Path, tmp_path: Path, deadline: None
+) -> None:
+    secret = tmp_path / "outside" / "passwd.hip"
+    secret.parent.mkdir()
+    secret.write_text("root:SECRET-OUTSIDE:0:0\n")
+    (hip_dir / "leak.hip").symlink_to(secret)
+    (hip_dir / "zero.hip").symlink_to("/dev/zero")
+    (hip_dir / "dangling.hip").symlink_to(hip_dir / "nowhere.hip")
+    (hip_dir / "inside.hip").symlink_to(hip_dir / "k0001.hip")  # a link that stays inside is fine
+    os.mkfifo(hip_dir / "pipe.hip")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(hip_dir / "sock.hip"))
+    (hip_dir / "huge.hip").write_bytes(b"// x\n" * (DEFAULT_MAX_FILE_BYTES // 5 + 1))
+    try:
+        out = cli("submit", hip_dir, "--dry-run", "--json")
+        shown = cli("submit", hip_dir, "--dry-run").stderr
+    finally:
+        listener.close()
+    skipped = dict(json.loads(out.stdout)["prepare"]["skipped"])
+    assert skipped["leak.hip"].startswith(f"symlink to {secret}, outside INPUT_DIR")
+    assert skipped["zero.hip"].startswith("symlink to /dev/zero, outside INPUT_DIR")
+    assert skipped["dangling.hip"].startswith("broken symlink")
+    assert skipped["pipe.hip"] == "not a regular file (a FIFO (named pipe))"
+    assert skipped["sock.hip"] == "not a regular file (a socket)"
+    assert skipped["huge.hip"].startswith(f"too large ({DEFAULT_MAX_FILE_BYTES + 5 - DEFAULT_MAX_FILE_BYTES % 5:,}")
+    assert "inside.hip" not in skipped and len(skipped) == 6
+    assert json.loads(out.stdout)["prepare"]["requests"] == 7  # the 6 kernels and inside.hip (another name)
+    for shard in (Path("state") / "dry-run").rglob("*.jsonl"):
+        assert b"SECRET-OUTSIDE" not in shard.read_bytes()
+    assert "skipped pipe.hip: not a regular file (a FIFO (named pipe))" in shown
+
+
+def test_read_source_options(tmp_path: Path, deadline: None) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    outside = tmp_path / "out.hip"
+    outside.write_text("__global__ void k() {}\n")
+    (root / "link.hip").symlink_to(outside)
+    (root / "zero.hip").symlink_to("/dev/zero")
+    with pytest.raises(SkipFile, match="outside INPUT_DIR"):
+        read_source(root / "link.hip", root=root)
+    assert read_source(root / "link.hip", root=root, follow_symlinks=True) == outside.read_text()
+    assert read_source(root / "link.hip") == outside.read_text()  # no root given: nothing to stay inside
+    with pytest.raises(SkipFile, match=r"not a regular file \(a character device\)"):
+        read_source(root / "zero.hip", root=root, follow_symlinks=True)  # followed, still never read
+    with pytest.raises(SkipFile, match=r"too large \(23 bytes > 10"):
+        read_source(outside, max_bytes=10)
+    assert read_source(outside, max_bytes=23) == outside.read_text()
+
+
+def test_a_file_longer_than_its_size_says_is_read_only_up_to_the_cap() -> None:
+    # /proc files report size 0 but hold more: the cap holds against what is read, not only the stat.
+    status = Path("/proc/self/status")
+    if not status.exists():
+        pytest.skip("no /proc on this system")
+    assert os.stat(status).st_size == 0
+    with pytest.raises(SkipFile, match="grew past 16 bytes"):
+        read_source(status, max_bytes=16)
+
+
+def test_linked_folders_are_entered_only_when_asked_and_never_loop(tmp_path: Path) -> None:
+    root = make_hip_dir(tmp_path / "tree", 3)
+    (root / "sub" / "back").symlink_to(root)  # a loop: tree/sub/back -> tree
+    other = make_hip_dir(tmp_path / "other", 1, start=7)
+    (root / "more").symlink_to(other)
+    assert discover(root) == ["k0001.hip", "k0002.hip", "sub/k0000.hip"]
+    # `more` is entered; `sub/back` leads to a folder already on the way down, so it is not.
+    assert discover(root, follow_symlinks=True) == ["k0001.hip", "k0002.hip", "more/k0007.hip", "sub/k0000.hip"]

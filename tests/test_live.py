@@ -215,6 +215,10 @@ def test_bad_request_400_is_recorded_per_request_and_not_retried(
 ) -> None:
     monkeypatch.setenv("ANTHROPIC_BASE_URL", server.anthropic_base_url)
     monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    from hipbatch.config import SETTINGS
+
+    # hipbatch refuses max_tokens = 0 itself; lift that check here so the provider's 400 path is what runs.
+    monkeypatch.delitem(SETTINGS, "max_tokens")
     template = tmp_path / "zero-tokens"
     shutil.copytree(REPO_ROOT / "templates/default", template)
     toml = template / "template.toml"
