@@ -98,12 +98,15 @@ def resolve(
     chosen = model or os.environ.get("HIPBATCH_MODEL") or table.get("model") or template_defaults.get("model")
     if not chosen:
         raise UsageError(f"no model for {provider}: pass --model or set model in the template or config")
-    base_url = os.environ.get(BASE_URL_ENV[provider]) or table.get("base_url") or None
+    base_url, source = os.environ.get(BASE_URL_ENV[provider]), BASE_URL_ENV[provider]
+    if not base_url and table.get("base_url"):
+        base_url, source = str(table["base_url"]), f"providers.{provider}.base_url in {config.path}"
     settings = ProviderSettings(
         name=provider,
         key_env=str(table.get("api_key_env") or PROVIDERS[provider][1]),
-        base_url=base_url,
+        base_url=base_url or None,
         timeout=float(table.get("timeout", 120.0)),
         params=params,
+        base_url_source=source if base_url else None,
     )
     return settings, str(chosen), params

@@ -7,13 +7,14 @@ prints. Nothing here parses arguments or formats tables.
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from hipbatch import poll
 from hipbatch.errors import UsageError
@@ -29,6 +30,20 @@ if TYPE_CHECKING:
 
 DEFAULT_OUTPUT = Path("data/generated_prompts.json")
 DEFAULT_TEMPLATE = Path("templates/default")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def tells_retries(fn: Callable[P, R]) -> Callable[P, R]:
+    """Retries that wait more than a few seconds inside the command are told on its `Out` (attempt, next try)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        out = next((a for a in [*args, *kwargs.values()] if isinstance(a, Out)), None)
+        with poll.notifying(out.retrying if out is not None else None):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -95,6 +110,7 @@ class SubmitOptions:
     max_cost: float | None = None
 
 
+@tells_retries
 def submit(ctx: Context, opts: SubmitOptions, out: Out) -> dict[str, Any]:
     """Render, pack and record every file's request, then send the new ones (nothing with --dry-run)."""
     from hipbatch import cost
@@ -110,7 +126,9 @@ def submit(ctx: Context, opts: SubmitOptions, out: Out) -> dict[str, Any]:
     iter_discover(opts.input_dir, opts.glob)  # bad INPUT_DIR fails here, before anything is written
     if not opts.dry_run:
         adapter.check_key()  # before anything is written or sent
-        poll.retrying(adapter.check_model, model, sleep=ctx.clock.sleep)
+        unchecked = poll.retrying(adapter.check_model, model, rule=poll.CHECK, sleep=ctx.clock.sleep)
+        if unchecked:
+            out.warn(unchecked)
     store = ctx.store()
     with locked(store):
         prices = cost.load_prices(config)
@@ -167,6 +185,7 @@ class StatusResult:
         return all(r["is_final"] for r in self.rows)
 
 
+@tells_retries
 def status(ctx: Context, opts: StatusOptions, out: Out, show: Callable[[StatusResult], None]) -> None:
     """Refresh unfinished batches and show them; with watch, again every interval until all are final
     (sending queued shards as capacity frees)."""
@@ -219,6 +238,7 @@ class CollectOptions:
     max_enqueued_tokens: int | None = None
 
 
+@tells_retries
 def collect(ctx: Context, opts: CollectOptions, out: Out, kept: Windows | None = None) -> dict[str, Any]:
     """Poll (once, or until done with wait), download and record what finished, then write the dataset.
     `kept`: capacity windows to use (and keep shrunk or grown) across polls, else built from the options."""
@@ -354,6 +374,7 @@ class RetryOptions:
     force: bool = False
 
 
+@tells_retries
 def retry(ctx: Context, opts: RetryOptions, out: Out) -> Any:
     """Resend, in new batches, the requests with no good answer."""
     from hipbatch.providers.registry import Adapters
@@ -397,6 +418,7 @@ def cancel_plan(ctx: Context, job: str | None) -> CancelPlan:
     return CancelPlan([(b.id, b.provider, b.status, b.job) for b in targets], len(store.shards_in_states(states, job)))
 
 
+@tells_retries
 def cancel(ctx: Context, opts: CancelOptions, out: Out) -> Any:
     """Cancel batches at the provider (default: every unfinished one, and the local queue)."""
     from hipbatch.cancel import cancel as stop

@@ -40,6 +40,12 @@ def plain(text: object) -> str:
     return _CONTROL.sub("?", str(text))
 
 
+def one_line(text: object, limit: int | None = None) -> str:
+    """Text as one line (runs of whitespace, newlines included, become one space), cut to `limit` with an ellipsis."""
+    line = " ".join(plain(text).split())
+    return line if limit is None or len(line) <= limit else line[: max(limit - 1, 0)] + "…"
+
+
 def err(message: str) -> None:
     """One message on stderr."""
     typer.echo(plain(message), err=True)
@@ -68,6 +74,10 @@ class Out:
 
     def progress(self) -> Progress:
         return default_progress(quiet=self.quiet)
+
+    def retrying(self, attempt: int, attempts: int, pause: float, error: BaseException) -> None:
+        """A call that keeps failing transiently, told once its retries have waited a few seconds."""
+        err(f"Still trying: {one_line(error)} (attempt {attempt} of {attempts} failed; next try in {pause:.1f}s)")
 
     # ---- submit --------------------------------------------------------------------------------
 
