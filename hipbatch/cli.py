@@ -3,7 +3,9 @@ the result to a view. The only module that exits."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
@@ -12,11 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperCommand
 
 from hipbatch import __version__, ops, views
 from hipbatch.errors import HipbatchError
 from hipbatch.views import Out, err, print_json
 
+# Plain help (rich_markup_mode=None): typer's rich panels cost ~100 ms of imports on every --help (measured),
+# over the 150 ms start-up budget.
 app = typer.Typer(
     help="Turn folders of HIP kernels into English prompts through the OpenAI and Anthropic Batch APIs.\n\n"
     "Start with `hipbatch demo` (no key needed). Real runs: `hipbatch submit DIR`, `hipbatch status`, "
@@ -24,9 +29,17 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Command(TyperCommand):
+    """A typer command whose usage line names its arguments the usual way (INPUT_DIR, not {INPUT_DIR})."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
 
 
 class ProviderName(StrEnum):
@@ -48,25 +61,39 @@ class RetryReason(StrEnum):
     missing = "missing"
 
 
-# Options several commands share.
-JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
-Job = Annotated[str | None, typer.Option(help="Only this job.")]
-JobName = Annotated[str | None, typer.Option(help="Job name (default: the input folder's name).")]
-InputDir = Annotated[Path, typer.Argument(help="Folder of source files.", show_default=False)]
-Model = Annotated[str | None, typer.Option(help="Model (default: config, then template).")]
-TemplateDir = Annotated[Path, typer.Option(help="Template folder.")]
-Glob = Annotated[str, typer.Option("--glob", help="Files to take, relative to INPUT_DIR.")]
-Limit = Annotated[int | None, typer.Option(min=1, help="Take only the first N files (sorted).")]
-OutputFile = Annotated[Path, typer.Option(help="Dataset file.")]
-FormatOpt = Annotated[Format, typer.Option("--format", help="json (one array) or jsonl.")]
-Force = Annotated[
-    bool, typer.Option("--force", help="Resubmit shards whose earlier submit cannot be told apart at the provider.")
-]
+# Options several commands share. Metavars are the usual words (TEXT, INTEGER, PATH), not typer's <str>.
+def opt(metavar: str | None, help: str, *names: str, **kw: Any) -> Any:
+    """A typer option with a usual metavar (None for flags) and its help."""
+    return typer.Option(*names, metavar=metavar, help=help, **kw)
+
+
+JsonOut = Annotated[bool, opt(None, "Print a JSON summary on stdout.", "--json")]
+Job = Annotated[str | None, opt("NAME", "Only this job.")]
+JobName = Annotated[str | None, opt("NAME", "Job name (default: the input folder's name).")]
+InputDir = Annotated[Path, typer.Argument(metavar="INPUT_DIR", help="Folder of source files.", show_default=False)]
+Provider = Annotated[ProviderName, opt("PROVIDER", "Batch API to use: openai or anthropic.")]
+Model = Annotated[str | None, opt("NAME", "Model (default: config, then template).")]
+TemplateDir = Annotated[Path, opt("PATH", "Template folder.")]
+Glob = Annotated[str, opt("PATTERN", "Files to take, relative to INPUT_DIR.", "--glob")]
+Limit = Annotated[int | None, opt("INTEGER", "Take only the first N files (sorted).", min=1)]
+OutputFile = Annotated[Path, opt("PATH", "Dataset file.")]
+FormatOpt = Annotated[Format, opt("FORMAT", "json (one array) or jsonl.", "--format")]
+PollInterval = Annotated[float, opt("SECONDS", "Seconds between polls.", min=0.01)]
+Timeout = Annotated[float | None, opt("SECONDS", "Give up waiting after this many seconds (rerun to go on).")]
+Force = Annotated[bool, opt(None, "Resubmit shards whose earlier submit cannot be told apart at the provider.")]
 MaxInFlight = Annotated[
-    int | None, typer.Option(min=1, help="Batches at the provider at once; the rest wait in the local queue.")
+    int | None, opt("INTEGER", "Batches at the provider at once (default: config, else 100); the rest wait.", min=1)
 ]
 MaxTokens = Annotated[
-    int | None, typer.Option(min=1, help="Estimated input tokens enqueued per model at once (the provider's quota).")
+    int | None, opt("INTEGER", "Estimated input tokens enqueued per model at once (the provider's quota).", min=1)
+]
+StateDir = Annotated[
+    Path | None, opt("PATH", "Where the store, shards and results live (as before the command).", "--state-dir")
+]
+ConfigFile = Annotated[Path | None, opt("PATH", "Config file (as before the command).", "--config")]
+GLOBALS = [
+    inspect.Parameter("state_dir_option", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=StateDir),
+    inspect.Parameter("config_option", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigFile),
 ]
 
 
@@ -87,6 +114,35 @@ def reports_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def takes_global_options(fn: F) -> F:
+    """Also accept --state-dir and --config after the command name (`hipbatch submit DIR --state-dir S`)."""
+    signature = inspect.signature(fn, eval_str=True)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, state_dir_option: Path | None = None, config_option: Path | None = None, **kw: Any) -> Any:
+        ctx = kw["ctx"]
+        if state_dir_option is not None:
+            ctx.obj = dataclasses.replace(ctx.obj, state_dir=state_dir_option)
+        if config_option is not None:
+            ctx.obj = dataclasses.replace(ctx.obj, config_path=config_option)
+        return fn(*args, **kw)
+
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *GLOBALS])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**fn.__annotations__, **{p.name: p.annotation for p in GLOBALS}}
+    return wrapper  # type: ignore[return-value]
+
+
+def command(name: str | None = None, global_options: bool = True) -> Callable[[F], F]:
+    """`app.command` with the house habits: errors as one line, the global options also after the command name."""
+
+    def register(fn: F) -> F:
+        wrapped = reports_errors(fn)
+        app.command(name, cls=Command)(takes_global_options(wrapped) if global_options else wrapped)
+        return fn
+
+    return register
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"hipbatch {__version__}")
@@ -97,47 +153,36 @@ def version_callback(value: bool) -> None:
 def main_callback(
     ctx: typer.Context,
     state_dir: Annotated[
-        Path, typer.Option(envvar="HIPBATCH_STATE_DIR", help="Where the store, shards and results live.")
+        Path, opt("PATH", "Where the store, shards and results live (any command).", envvar="HIPBATCH_STATE_DIR")
     ] = Path("state"),
     config: Annotated[
-        Path | None,
-        typer.Option("--config", help="Config file (default: ./hipbatch.toml or ./config.json if present)."),
+        Path | None, opt("PATH", "Config file (default: ./hipbatch.toml or ./config.json if present).", "--config")
     ] = None,
     version: Annotated[
-        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")
+        bool, opt(None, "Print the version and exit.", "--version", callback=version_callback, is_eager=True)
     ] = False,
 ) -> None:
     """hipbatch: batch LLM prompt generation for HIP kernels."""
     ctx.obj = ops.Context(state_dir=state_dir, config_path=config)
 
 
-@app.command()
-@reports_errors
+@command()
 def submit(
     ctx: typer.Context,
     input_dir: InputDir,
-    provider: Annotated[ProviderName, typer.Option(help="Batch API to use.")] = ProviderName.openai,
+    provider: Provider = ProviderName.openai,
     model: Model = None,
     template_dir: TemplateDir = ops.DEFAULT_TEMPLATE,
     glob: Glob = "**/*.hip",
     limit: Limit = None,
     job: JobName = None,
-    max_requests_per_batch: Annotated[
-        int | None, typer.Option(min=1, help="Cap per batch (the provider's limit applies anyway).")
-    ] = None,
+    max_requests_per_batch: Annotated[int | None, opt("INTEGER", "Cap per batch (else the provider's).", min=1)] = None,
     max_in_flight_batches: MaxInFlight = None,
     max_enqueued_tokens: MaxTokens = None,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Render and write shards only: no network, no key.")
-    ] = False,
+    dry_run: Annotated[bool, opt(None, "Render and write shards only: no network, no key.", "--dry-run")] = False,
     force: Force = False,
     max_cost: Annotated[
-        float | None,
-        typer.Option(
-            "--max-cost",
-            min=0,
-            help="Budget in USD: refuse, before any upload, when the estimated worst case is over it.",
-        ),
+        float | None, opt("USD", "Budget: refuse, before any upload, when the estimated worst case is over it.", min=0)
     ] = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -156,30 +201,30 @@ def submit(
         raise typer.Exit(1)
 
 
-@app.command()
-@reports_errors
+@command()
 def status(
     ctx: typer.Context,
     job: Job = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON array of batches.")] = False,
+    json_out: Annotated[bool, opt(None, "Print a JSON array of batches (of files with --failed).", "--json")] = False,
     watch: Annotated[
-        bool,
-        typer.Option("--watch", help="Refresh until every batch is finished, sending queued shards as capacity frees."),
+        bool, opt(None, "Refresh until every batch is finished, sending queued shards.", "--watch")
     ] = False,
-    interval: Annotated[float, typer.Option(min=0.05, help="Seconds between refreshes with --watch.")] = 30.0,
+    interval: Annotated[float, opt("SECONDS", "Seconds between refreshes with --watch.", min=0.05)] = 30.0,
     show_all: Annotated[
-        bool,
-        typer.Option(
-            "--all",
-            help=f"List every batch (by default, past {views.TABLE_ROWS} "
-            "batches, older collected ones are summed up in one line).",
-        ),
+        bool, opt(None, f"List every batch (past {views.TABLE_ROWS}, older collected ones are summed up).", "--all")
+    ] = False,
+    failed: Annotated[
+        bool, opt(None, "List every file whose request has no good answer: file, state, error.", "--failed")
     ] = False,
 ) -> None:
-    """Refresh unfinished batches and show where every batch stands.
+    """Refresh unfinished batches and show where every batch stands (--failed: which files failed, and why).
 
     Example: hipbatch status --watch --interval 60
     """
+    if failed:
+        rows = ops.failed_files(ctx.obj, job)
+        print_json(rows) if json_out else views.failed_table(rows)
+        return
     live = views.StatusLive()
 
     def show(result: ops.StatusResult) -> None:
@@ -187,11 +232,12 @@ def status(
             if not watch or result.finished:
                 print_json(result.rows)
             return
-        renderable = views.status_renderable(result.rows, result.queued_shards, show_all)
+        out = views.console()
+        renderable = views.status_renderable(result.rows, result.queued_shards, show_all, out.width)
         if watch and sys.stdout.isatty():
             live.show(renderable)  # redrawn in place
         else:
-            views.console().print(renderable)
+            out.print(renderable)
 
     try:
         ops.status(ctx.obj, ops.StatusOptions(job, watch, interval), Out(quiet=json_out), show)
@@ -199,18 +245,17 @@ def status(
         live.stop()
 
 
-@app.command()
-@reports_errors
+@command()
 def collect(
     ctx: typer.Context,
     output_file: OutputFile = ops.DEFAULT_OUTPUT,
     format: FormatOpt = Format.json,
-    job: Annotated[str | None, typer.Option(help="Only this job's records.")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Poll until every batch is finished.")] = False,
-    poll_interval: Annotated[float, typer.Option(min=0.01, help="Seconds between polls with --wait.")] = 60.0,
-    timeout: Annotated[float | None, typer.Option(help="Give up waiting after this many seconds.")] = None,
+    job: Annotated[str | None, opt("NAME", "Only this job's records.")] = None,
+    wait: Annotated[bool, opt(None, "Poll until every batch is finished.", "--wait")] = False,
+    poll_interval: PollInterval = 60.0,
+    timeout: Timeout = None,
     reextract: Annotated[
-        bool, typer.Option("--reextract", help="Re-run the extractor over stored replies (no network).")
+        bool, opt(None, "Re-run the extractor over stored replies (no network).", "--reextract")
     ] = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -224,22 +269,16 @@ def collect(
         print_json(summary)
 
 
-@app.command()
-@reports_errors
+@command()
 def drain(
     ctx: typer.Context,
     output_file: OutputFile = ops.DEFAULT_OUTPUT,
     format: FormatOpt = Format.json,
-    job: Annotated[str | None, typer.Option(help="Only this job's records in the dataset.")] = None,
-    poll_interval: Annotated[float, typer.Option(min=0.01, help="Seconds between polls.")] = 60.0,
-    timeout: Annotated[float | None, typer.Option(help="Stop after this many seconds (rerun to go on).")] = None,
-    max_in_flight_batches: Annotated[
-        int | None, typer.Option(min=1, help="Batches at the provider at once (default: config, else 100).")
-    ] = None,
-    max_enqueued_tokens: Annotated[
-        int | None,
-        typer.Option(min=1, help="Estimated input tokens enqueued per model at once (default: config, else no limit)."),
-    ] = None,
+    job: Annotated[str | None, opt("NAME", "Only this job's records in the dataset.")] = None,
+    poll_interval: PollInterval = 60.0,
+    timeout: Timeout = None,
+    max_in_flight_batches: MaxInFlight = None,
+    max_enqueued_tokens: MaxTokens = None,
     json_out: JsonOut = False,
 ) -> None:
     """Send queued shards as capacity frees and collect batches as they finish, until nothing is left.
@@ -257,12 +296,11 @@ def drain(
         print_json(summary)
 
 
-@app.command("cost")
-@reports_errors
+@command("cost")
 def cost_command(
     ctx: typer.Context,
     job: Job = None,
-    json_out: Annotated[bool, typer.Option("--json", help='Print {"rows": [...], "total": {...}} on stdout.')] = False,
+    json_out: Annotated[bool, opt(None, 'Print {"rows": [...], "total": {...}} on stdout.', "--json")] = False,
 ) -> None:
     """Show what each job and model cost: tokens, actual cost, cost still in flight, and the live price.
 
@@ -275,74 +313,60 @@ def cost_command(
         views.cost_table(led)
 
 
-@app.command("report")
-@reports_errors
+@command("report")
 def report_command(
     ctx: typer.Context,
-    job: Annotated[str | None, typer.Option(help="Job to report on (default: the only job).")] = None,
-    output: Annotated[
-        Path | None, typer.Option("--output", help="HTML file to write (default: report-JOB.html).")
-    ] = None,
+    job: Annotated[str | None, opt("NAME", "Job to report on (default: the only job).")] = None,
+    output: Annotated[Path | None, opt("PATH", "HTML file to write (default: report-JOB.html).", "--output")] = None,
     json_out: JsonOut = False,
 ) -> None:
     """Write a self-contained HTML page for a job: timeline, cost, failure reasons, sample prompts.
 
     Example: hipbatch report --job kernels --output kernels.html
     """
-    from hipbatch.cost import usd
-
     done = ops.report(ctx.obj, job, output, Out(quiet=json_out))
     if json_out:
         print_json(asdict(done))
     else:
-        err(
-            f"Wrote {done.output} ({done.bytes:,} bytes): cost {usd(done.cost_usd)}, live equivalent "
-            f"{usd(done.live_equivalent_usd)}. Open it in any browser; it needs no network."
-        )
+        Out().reported(done)
 
 
-@app.command()
-@reports_errors
+@command()
 def retry(
     ctx: typer.Context,
     only: Annotated[
         list[RetryReason] | None,
-        typer.Option(
+        opt(
+            "REASON",
+            "Only requests in this state: failed, expired, canceled, extraction_failed, truncated or missing; "
+            "repeat for several (default: all of them).",
             "--only",
-            metavar="REASON",
-            help="Only requests in this state: failed, expired, canceled, "
-            "extraction_failed, truncated or missing; repeat for several (default: all of them).",
         ),
     ] = None,
-    max_attempts: Annotated[int | None, typer.Option(min=1, help="Skip requests already sent this many times.")] = None,
-    job: Annotated[str | None, typer.Option(help="Only this job's requests.")] = None,
-    force: Annotated[
-        bool,
-        typer.Option("--force", help="Also resubmit shards whose earlier submit cannot be told apart at the provider."),
-    ] = False,
+    max_attempts: Annotated[int | None, opt("INTEGER", "Skip requests already sent this many times.", min=1)] = None,
+    max_tokens: Annotated[
+        int | None,
+        opt("INTEGER", "Send truncated requests with this max_tokens (new requests: new custom_ids).", min=1),
+    ] = None,
+    job: Annotated[str | None, opt("NAME", "Only this job's requests.")] = None,
+    force: Force = False,
     json_out: JsonOut = False,
 ) -> None:
     """Resubmit, in new batches, only the requests with no good answer (answers already paid are kept).
 
-    Example: hipbatch retry --only expired --only failed --max-attempts 3
+    Example: hipbatch retry --only expired --only failed --max-attempts 3  (or: --only truncated --max-tokens 2048)
     """
     reasons = tuple(r.value for r in (only or list(RetryReason)))
     out = Out(quiet=json_out)
-    result = ops.retry(ctx.obj, ops.RetryOptions(reasons, max_attempts, job, force), out)
+    result = ops.retry(ctx.obj, ops.RetryOptions(reasons, max_attempts, job, force, max_tokens), out)
     if json_out:
         print_json(asdict(result))
-    out.retried(result, max_attempts)
-    if result.unreadable:
-        err(
-            f"Warning: {len(result.unreadable)} request(s) could not be resent: their line is missing from "
-            f"the shard files under {ctx.obj.state_dir}/shards (first: {result.unreadable[0]})"
-        )
+    out.retried(result, max_attempts, ctx.obj.state_dir)
     if result.feed is not None and ops.unsent({"feed": asdict(result.feed)}):
         raise typer.Exit(1)
 
 
-@app.command()
-@reports_errors
+@command()
 def cancel(
     ctx: typer.Context,
     batch_ids: Annotated[
@@ -353,8 +377,8 @@ def cancel(
             show_default=False,
         ),
     ] = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (for scripts).")] = False,
-    job: Annotated[str | None, typer.Option(help="Only this job's batches.")] = None,
+    yes: Annotated[bool, opt(None, "Do not ask for confirmation (for scripts).", "--yes", "-y")] = False,
+    job: Annotated[str | None, opt("NAME", "Only this job's batches.")] = None,
     json_out: JsonOut = False,
 ) -> None:
     """Cancel batches at the provider; results they already produced are collected later by `collect`.
@@ -363,15 +387,8 @@ def cancel(
     """
     if not batch_ids and not yes:
         plan = ops.cancel_plan(ctx.obj, job)
-        if not plan.batches and not plan.queued_shards:
-            err("Nothing to cancel: no unfinished batch and nothing queued.")
-            if json_out:
-                print_json({"cancelled": [], "already_final": [], "errors": []})
-            return
-        for batch_id, provider, state, job_name in plan.batches:
-            err(f"  {batch_id}  {provider}  {state}  job {job_name}")
-        queued = f" and {plan.queued_shards} shard(s) not sent yet" if plan.queued_shards else ""
-        typer.confirm(f"Cancel {len(plan.batches)} unfinished batch(es){queued}?", abort=True, err=True)
+        if not views.cancel_confirmed(plan, json_out, asks=sys.stdin.isatty()):  # no terminal: pass --yes
+            raise typer.Exit(0 if plan.empty else 1)
     out = Out(quiet=json_out)
     result = ops.cancel(ctx.obj, ops.CancelOptions(tuple(batch_ids or ()), job), out)
     if json_out:
@@ -379,26 +396,24 @@ def cancel(
     out.cancelled(result)
 
 
-@app.command()
-@reports_errors
+@command()
 def run(
     ctx: typer.Context,
     input_dir: InputDir,
     provider: Annotated[
-        ProviderName, typer.Option(help="API to call (any OpenAI-compatible server through OPENAI_BASE_URL).")
+        ProviderName, opt("PROVIDER", "openai or anthropic (any OpenAI-compatible server through OPENAI_BASE_URL).")
     ] = ProviderName.openai,
     model: Model = None,
     template_dir: TemplateDir = ops.DEFAULT_TEMPLATE,
     glob: Glob = "**/*.hip",
     limit: Limit = None,
     job: JobName = None,
-    max_workers: Annotated[int, typer.Option(min=1, max=256, help="Live calls at once.")] = 10,
+    max_workers: Annotated[int, opt("INTEGER", "Live calls at once.", min=1, max=256)] = 10,
     max_requests_per_minute: Annotated[
-        int | None, typer.Option(min=1, help="Pace the calls to this many per minute.")
+        int | None, opt("INTEGER", "Pace the calls to this many per minute.", min=1)
     ] = None,
     max_tokens_per_minute: Annotated[
-        int | None,
-        typer.Option(min=1, help="Pace the calls to this many estimated tokens (input + max output) per minute."),
+        int | None, opt("INTEGER", "Pace the calls to this many estimated tokens (input + max output) a minute.", min=1)
     ] = None,
     output_file: OutputFile = ops.DEFAULT_OUTPUT,
     format: FormatOpt = Format.json,
@@ -419,38 +434,32 @@ def run(
     summary = ops.run(ctx.obj, opts, Out(quiet=json_out), show_progress=not json_out and sys.stderr.isatty())
     if json_out:
         print_json(summary)
-    if summary["fatal"]:
-        err(f"Error: {summary['fatal']}")
-        err("Stopped sending: every other request would fail the same way. Fix it and run again.")
-        raise typer.Exit(1)
-    if summary["interrupted"]:
-        err("Interrupted. Every answer received is recorded; run the same command again to continue.")
-        raise typer.Exit(130)
+    code = Out().run_ended(summary)
+    if code:
+        raise typer.Exit(code)
 
 
-@app.command()
-@reports_errors
+@command(global_options=False)
 def emulator(
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (0 picks a free one).")] = 8765,
-    seed: Annotated[int, typer.Option(help="Seed for the fake model and injected faults.")] = 0,
-    polls_to_complete: Annotated[int, typer.Option(min=1, help="Status checks before a batch ends.")] = 2,
-    fault_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of HTTP calls that fail.")] = 0.0,
-    request_error_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of requests that error.")] = 0.0,
-    forms: Annotated[str, typer.Option(help="Reply forms: mixed, or one of tag, fenced, label, ...")] = "mixed",
-    enqueued_token_limit: Annotated[int | None, typer.Option(help="Per-model enqueued token quota.")] = None,
-    live_latency: Annotated[float, typer.Option(help="Seconds before each live answer.")] = 0.0,
+    port: Annotated[int, opt("INTEGER", "Port on 127.0.0.1 (0 picks a free one).", min=0, max=65535)] = 8765,
+    seed: Annotated[int, opt("INTEGER", "Seed for the fake model and injected faults.")] = 0,
+    polls_to_complete: Annotated[int, opt("INTEGER", "Status checks before a batch ends.", min=1)] = 2,
+    fault_rate: Annotated[float, opt("FLOAT", "Share of HTTP calls that fail.", min=0, max=1)] = 0.0,
+    request_error_rate: Annotated[float, opt("FLOAT", "Share of requests that error.", min=0, max=1)] = 0.0,
+    forms: Annotated[str, opt("TEXT", "Reply forms: mixed, or one of tag, fenced, label, ...")] = "mixed",
+    enqueued_token_limit: Annotated[int | None, opt("INTEGER", "Per-model enqueued token quota.")] = None,
+    live_latency: Annotated[float, opt("SECONDS", "Seconds before each live answer.")] = 0.0,
     control: Annotated[
         bool,
-        typer.Option(
-            help="Serve the /_emulator/ control endpoints (stats, config, complete-all). On by default, guarded by "
-            "a token printed at start; their POSTs must be Content-Type: application/json."
+        opt(
+            None,
+            "Serve the /_emulator/ control endpoints (stats, config, complete-all). On by default, guarded by a "
+            "token printed at start; their POSTs must be Content-Type: application/json.",
         ),
     ] = True,
     control_token: Annotated[
         str | None,
-        typer.Option(
-            envvar="HIPBATCH_EMULATOR_TOKEN", help="Use this control token (16+ characters) instead of a random one."
-        ),
+        opt("TEXT", "Use this control token (16+ characters), not a random one.", envvar="HIPBATCH_EMULATOR_TOKEN"),
     ] = None,
 ) -> None:
     """Run the local batch server (OpenAI and Anthropic batch APIs, fake model) until Ctrl-C.
@@ -469,24 +478,18 @@ def emulator(
     ops.emulator(ops.EmulatorOptions(port, settings, control, control_token), Out())
 
 
-@app.command()
-@reports_errors
+@command(global_options=False)
 def demo(
-    provider: Annotated[ProviderName, typer.Option(help="Which batch API to rehearse.")] = ProviderName.openai,
-    output_file: Annotated[Path | None, typer.Option(help="Dataset file (default: data/demo-PROVIDER.json).")] = None,
+    provider: Annotated[ProviderName, opt("PROVIDER", "Which batch API to rehearse: openai or anthropic.")] = (
+        ProviderName.openai
+    ),
+    output_file: Annotated[Path | None, opt("PATH", "Dataset file (default: data/demo-PROVIDER.json).")] = None,
 ) -> None:
     """Run submit, status and collect on the bundled examples against a local batch server. No key needed.
 
     Example: hipbatch demo --provider anthropic
     """
-
-    def show_status(result: ops.StatusResult) -> None:
-        views.console().print(views.status_renderable(result.rows, result.queued_shards))
-
-    def show_cost(led: Any) -> None:
-        views.cost_table(led, views.console(stderr=True))
-
-    views.demo_end(ops.demo(provider.value, output_file, Out(), show_status, show_cost))
+    views.demo_end(ops.demo(provider.value, output_file, Out(), views.demo_status, views.demo_cost))
 
 
 def main() -> None:

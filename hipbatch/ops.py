@@ -298,15 +298,20 @@ def _poller(
     return poll_once
 
 
+FAILED_FILES_SHOWN = 10  # failed files named in collect's summary (`status --failed` lists them all)
+
+
 def _write_dataset(store: Store, opts: CollectOptions, prices: PriceTable | None, out: Out) -> dict[str, Any]:
     from hipbatch import cost
     from hipbatch.dataset import write_dataset
 
     with locked(store):
         records = write_dataset(store, opts.output_file, opts.format, opts.job)
-        counts = store.request_counts(opts.job)
+        counts = store.request_counts(opts.job)  # current requests: one per file, what the dataset can hold
         reasons = store.failure_reasons(opts.job)
+        failed_files = [r for r in store.failed_files(opts.job, FAILED_FILES_SHOWN + 1) if r["reason"] != "skipped"]
         skipped = store.skipped_files(opts.job)
+        superseded = store.superseded_count(opts.job)
         spent = cost.ledger(store, prices, opts.job).total if prices is not None else None
     pending = counts.get("pending", 0) + counts.get("submitted", 0)
     summary = {
@@ -315,8 +320,10 @@ def _write_dataset(store: Store, opts: CollectOptions, prices: PriceTable | None
         "succeeded": counts.get("succeeded", 0),
         "failed": sum(reasons.values()),
         "failed_by_reason": reasons,
+        "failed_files": [r["file_name"] for r in failed_files[:FAILED_FILES_SHOWN]],  # the first ones, by name
         "pending": pending,
         "skipped_files": len(skipped),
+        "superseded": superseded,  # old requests of changed files: paid, counted in cost, not in the dataset
     }
     out.collect_summary(summary, spent)
     return summary
@@ -364,6 +371,13 @@ def report(ctx: Context, job: str | None, output: Path | None, out: Out) -> Repo
 # ---- retry and cancel -----------------------------------------------------------------------------
 
 
+def failed_files(ctx: Context, job: str | None) -> list[dict[str, Any]]:
+    """`status --failed`: every file with no good answer (its reason and error), skipped files last."""
+    store = ctx.store()
+    _check_job(store, ctx.state_dir, job)
+    return store.failed_files(job)
+
+
 @dataclass(frozen=True)
 class RetryOptions:
     """`hipbatch retry`."""
@@ -372,6 +386,7 @@ class RetryOptions:
     max_attempts: int | None = None
     job: str | None = None
     force: bool = False
+    max_tokens: int | None = None  # truncated requests go again as new requests with this max_tokens
 
 
 @tells_retries
@@ -385,7 +400,7 @@ def retry(ctx: Context, opts: RetryOptions, out: Out) -> Any:
     with locked(store):
         result = resend(
             store, Adapters(config), list(opts.reasons), opts.max_attempts, opts.job, windows(config), opts.force,
-            ctx.clock.sleep,
+            ctx.clock.sleep, opts.max_tokens,
         )  # fmt: skip
     if result.feed is not None:
         out.feed_problems(result.feed)
@@ -406,6 +421,10 @@ class CancelPlan:
 
     batches: list[tuple[str, str, str, str]] = field(default_factory=list)  # id, provider, status, job
     queued_shards: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.batches and not self.queued_shards
 
 
 def cancel_plan(ctx: Context, job: str | None) -> CancelPlan:

@@ -71,6 +71,12 @@ class Adapter(AdapterBase):
         body["messages"] = [{"role": "user", "content": user}]
         return {"custom_id": custom_id, "params": body}
 
+    def request_parts(self, line: dict[str, Any]) -> tuple[str, dict[str, Any], str, str]:
+        params = dict(line["params"])
+        model, messages = str(params.pop("model")), params.pop("messages")
+        system = "".join(str(block.get("text", "")) for block in params.pop("system", None) or [])
+        return model, params, system, str(messages[0]["content"])
+
     def upload(self, path: Path) -> str | None:
         return None  # requests travel inline in the create call
 

@@ -96,6 +96,10 @@ class BatchProvider(LineMaker, Protocol):
 
     def check_model(self, model: str) -> str | None: ...  # UsageError if unknown; a warning if it cannot check
 
+    def request_parts(
+        self, line: dict[str, Any]
+    ) -> tuple[str, dict[str, Any], str, str]: ...  # a request line -> (model, params, system, user), as rendered
+
     def upload(self, path: Path) -> str | None: ...  # input file id (None: nothing to upload)
 
     def create(
@@ -164,6 +168,10 @@ class AdapterBase:
 
     def ping(self) -> None:
         """One cheap call to the batch API itself (an adapter lists one batch); no call by default."""
+
+    def request_parts(self, line: dict[str, Any]) -> tuple[str, dict[str, Any], str, str]:
+        """(model, params, system, user) of one of our request lines: to_line read backwards."""
+        raise UsageError(f"{self.settings.name}: cannot read its request lines back (retry --max-tokens)")
 
     def check_batch_route(self) -> None:
         """UsageError naming the base URL when the batch API is not there either (HTTP 404)."""

@@ -67,6 +67,14 @@ class Adapter(AdapterBase):
             body["max_completion_tokens" if key == "max_tokens" else key] = value
         return {"custom_id": custom_id, "method": "POST", "url": self.endpoint, "body": body}
 
+    def request_parts(self, line: dict[str, Any]) -> tuple[str, dict[str, Any], str, str]:
+        body = dict(line["body"])
+        model, messages = str(body.pop("model")), body.pop("messages")
+        system = next((str(m["content"]) for m in messages if m["role"] == "system"), "")
+        user = next((str(m["content"]) for m in messages if m["role"] == "user"), "")
+        params = {("max_tokens" if k == "max_completion_tokens" else k): v for k, v in body.items()}
+        return model, params, system, user
+
     def upload(self, path: Path) -> str | None:
         with translate(f"upload {path.name}"), path.open("rb") as fh:
             return self.client.files.create(file=(path.name, fh), purpose="batch").id
