@@ -80,17 +80,15 @@ OutputFile = Annotated[Path, opt("PATH", "Dataset file.")]
 FormatOpt = Annotated[Format, opt("FORMAT", "json (one array) or jsonl.", "--format")]
 PollInterval = Annotated[float, opt("SECONDS", "Seconds between polls.", min=0.01)]
 Timeout = Annotated[float | None, opt("SECONDS", "Give up waiting after this many seconds (rerun to go on).")]
-Force = Annotated[bool, opt(None, "Resubmit shards whose earlier submit cannot be told apart at the provider.")]
+Force = Annotated[bool, opt(None, "Resubmit ambiguous shards (a submit that could not be matched).", "--force")]
 MaxInFlight = Annotated[
-    int | None, opt("INTEGER", "Batches at the provider at once (default: config, else 100); the rest wait.", min=1)
+    int | None, opt("INTEGER", "Batches at the provider at once (default: config, else 100).", min=1)
 ]
-MaxTokens = Annotated[
-    int | None, opt("INTEGER", "Estimated input tokens enqueued per model at once (the provider's quota).", min=1)
-]
+MaxTokens = Annotated[int | None, opt("INTEGER", "Estimated input tokens enqueued per model (the quota).", min=1)]
 StateDir = Annotated[
-    Path | None, opt("PATH", "Where the store, shards and results live (as before the command).", "--state-dir")
+    Path | None, opt("PATH", "Where the store lives (default: $HIPBATCH_STATE_DIR, ./state).", "--state-dir")
 ]
-ConfigFile = Annotated[Path | None, opt("PATH", "Config file (as before the command).", "--config")]
+ConfigFile = Annotated[Path | None, opt("PATH", "Config file (default: ./hipbatch.toml, ./config.json).", "--config")]
 GLOBALS = [
     inspect.Parameter("state_dir_option", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=StateDir),
     inspect.Parameter("config_option", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ConfigFile),

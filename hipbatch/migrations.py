@@ -199,9 +199,10 @@ def m005_readable_store(db: Database) -> None:
     db.execute("DROP INDEX IF EXISTS idx_requests_job_state_cost_usd_est_cost_usd")
     db.table("requests").create_index(["job", "state", "is_current", "cost_usd", "est_cost_usd"])
     unpointed = "AND NOT EXISTS (SELECT 1 FROM files f WHERE f.custom_id = OLD.custom_id)"
-    db.execute(
-        "CREATE TRIGGER files_point_insert AFTER INSERT ON files WHEN NEW.custom_id IS NOT NULL BEGIN "
-        "UPDATE requests SET is_current = 1 WHERE custom_id = NEW.custom_id AND is_current = 0; END"
+    db.execute(  # one primary-key look-up per new file row; an UPDATE only in the rare case it is needed
+        "CREATE TRIGGER files_point_insert AFTER INSERT ON files "
+        "WHEN (SELECT is_current FROM requests WHERE custom_id = NEW.custom_id) = 0 BEGIN "
+        "UPDATE requests SET is_current = 1 WHERE custom_id = NEW.custom_id; END"
     )
     db.execute(
         "CREATE TRIGGER files_point_update AFTER UPDATE OF custom_id ON files "

@@ -388,14 +388,15 @@ def summary_line(job: str, s: dict[str, Any]) -> str:
     )
 
 
-WIDE = 120  # below this many columns, `status` stacks each batch on a few lines instead of one wide row
+TOP_ERROR_WIDTH = 60  # the top error cell of the table when the width is not known (one line, ellipsised)
+TOP_ERROR_MIN = 24  # a table leaving less room than this for the top error is stacked instead
 
 
 def status_renderable(
     rows: list[dict[str, Any]], queued_shards: int, show_all: bool = False, width: int | None = None
 ) -> RenderableType:
-    """The per-job summary lines, the batches (a table, or stacked below WIDE columns: a batch id is never cut)
-    and the request counts of `hipbatch status`."""
+    """The per-job summary lines, the batches (a table when it fits `width`, else a few lines per batch: a batch
+    id is never cut) and the request counts of `hipbatch status`."""
     from rich.console import Group
 
     if not rows:
@@ -408,7 +409,7 @@ def status_renderable(
         keep = max(TABLE_ROWS - (len(rows) - len(done)), 5)
         drop = set(done[:-keep])
         hidden, rows = len(drop), [r for i, r in enumerate(rows) if i not in drop]
-    lines += _batch_table(rows) if width is None or width >= WIDE else _batch_stack(rows)
+    lines += _batch_table(rows, width) or _batch_stack(rows)
     if hidden:
         lines.append(
             _text(
@@ -436,19 +437,36 @@ def request_counts_line(summaries: dict[str, Any], queued_shards: int) -> str:
     )
 
 
-def _batch_table(rows: list[dict[str, Any]]) -> list[Any]:
-    """One row per batch, every column; the id never wraps or shrinks, the top error is one ellipsised line."""
+_HEADERS = ("job", "batch id", "provider", "model", "status", "done / failed / total", "created", "age", "expires in",
+            "top error")  # fmt: skip
+
+
+def _batch_table(rows: list[dict[str, Any]], width: int | None = None) -> list[Any] | None:
+    """One line per batch: every column, or without `created` and with provider and model in one column when
+    that fits `width`; None when even that does not fit. The id never shrinks; the top error takes the room
+    left (one line, ellipsised)."""
     from rich.table import Table
 
-    table = Table("job", "batch id", "provider", "model", "status", "done / failed / total", "created", "age",
-                  "expires in", "top error")  # fmt: skip
-    table.columns[1].no_wrap = True
-    table.columns[1].min_width = max(len(plain(r["batch_id"])) for r in rows)
-    table.columns[-1].no_wrap = True
-    table.columns[-1].overflow = "ellipsis"
-    for r in rows:
-        table.add_row(*(_text(cell) for cell in _status_cells(r)))
-    return [table]
+    cells = [dict(zip(_HEADERS, _status_cells(r), strict=True)) for r in rows]
+    headers = list(_HEADERS)
+    for narrower in (False, True):
+        if narrower:
+            headers.remove("created")
+            headers[headers.index("provider") : headers.index("model") + 1] = ["provider / model"]
+            for c in cells:
+                c["provider / model"] = f"{c['provider']} / {c['model']}"
+        natural = sum(max([len(h), *(len(plain(c[h])) for c in cells)]) + 3 for h in headers[:-1]) + 4
+        if width is not None and natural + TOP_ERROR_MIN > width:
+            continue
+        table = Table(*headers)
+        for column in table.columns:
+            column.no_wrap, column.overflow = True, "ellipsis"
+        table.columns[1].min_width = max(len(plain(c["batch id"])) for c in cells)  # the id, whole
+        table.columns[-1].max_width = TOP_ERROR_WIDTH if width is None else width - natural
+        for c in cells:
+            table.add_row(*(_text(c[h]) for h in headers))
+        return [table]
+    return None
 
 
 def _batch_stack(rows: list[dict[str, Any]]) -> list[Any]:
@@ -460,7 +478,7 @@ def _batch_stack(rows: list[dict[str, Any]]) -> list[Any]:
     for r in rows:
         job, batch_id, provider, model, status, counts, created, age, expires, top = _status_cells(r)
         out.append(Text(plain(f"{batch_id}  {status}  {counts}  {age}"), overflow="fold"))
-        detail = f"  job {job} · {provider} / {model} · created {created} · expires in {expires}"
+        detail = f"  job {job} · {provider} / {model} · expires in {expires} · created {created}"
         out.append(Text(plain(detail), no_wrap=True, overflow="ellipsis"))
         if top:
             out.append(Text(plain(f"  top error: {top}"), no_wrap=True, overflow="ellipsis"))
