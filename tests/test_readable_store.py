@@ -35,11 +35,26 @@ def old_store(state_dir: Path) -> None:
     db.table("requests").insert_all(
         [
             {**common, "custom_id": "hb-a1", "file_name": "a.hip", "state": "succeeded", "prompt": "Old prompt"},
-            {**common, "custom_id": "hb-a2", "file_name": "a.hip", "state": "succeeded", "prompt": "Write a kernel",
-             "answered_at": T0 + 60, "updated_at": T0 + 60},
-            {**common, "custom_id": "hb-b", "file_name": "b.hip", "state": "failed", "error_code": "server_error",
-             "error_message": "boom", "attempts": 2, "updated_at": T0 + 61},
-        ]  # fmt: skip
+            {
+                **common,
+                "custom_id": "hb-a2",
+                "file_name": "a.hip",
+                "state": "succeeded",
+                "prompt": "Write a kernel",
+                "answered_at": T0 + 60,
+                "updated_at": T0 + 60,
+            },
+            {
+                **common,
+                "custom_id": "hb-b",
+                "file_name": "b.hip",
+                "state": "failed",
+                "error_code": "server_error",
+                "error_message": "boom",
+                "attempts": 2,
+                "updated_at": T0 + 61,
+            },
+        ]
     )
     db.table("shards").insert({"id": 1, "key": "k-1", "job": "k", "path": "state/shards/k/k-1.jsonl", "n_requests": 3})
     db.table("batches").insert(
@@ -70,7 +85,9 @@ def test_an_old_store_is_converted_and_its_views_read_well(tmp_path: Path) -> No
     [batch] = db.query("SELECT * FROM batch_overview")
     assert (batch["batch_id"], batch["succeeded_in_ledger"], batch["failed_in_ledger"]) == ("batch_1", 2, 1)
     assert (batch["created_at"], batch["finished_at"], batch["shard_path"]) == (
-        ISO0, "2026-01-01T00:01:02.500Z", "state/shards/k/k-1.jsonl"
+        ISO0,
+        "2026-01-01T00:01:02.500Z",
+        "state/shards/k/k-1.jsonl",
     )
     [job] = db.query("SELECT created_at, created_at_iso FROM jobs")
     assert job == {"created_at": T0, "created_at_iso": ISO0}  # the float stays; its ISO text sits next to it

@@ -39,12 +39,24 @@ def rows(ids: list[str]) -> list[dict[str, Any]]:
                "cost_usd": 0.01, "committed_usd": 0.0, "states": {"succeeded": 74, "failed": 6}}  # fmt: skip
     return [
         {
-            "job": "kernels-of-a-long-job-name", "batch_id": batch_id, "provider": "openai",
-            "model": "gpt-4o-mini-2024-07-18", "status": "completed", "is_final": True, "done": 74, "failed": 6,
-            "total": 80, "counts_final_only": False, "created_at": now - 3600, "age_seconds": 3600.0,
-            "expires_at": None, "collected": True, "expires_in_seconds": None, "job_summary": summary,
+            "job": "kernels-of-a-long-job-name",
+            "batch_id": batch_id,
+            "provider": "openai",
+            "model": "gpt-4o-mini-2024-07-18",
+            "status": "completed",
+            "is_final": True,
+            "done": 74,
+            "failed": 6,
+            "total": 80,
+            "counts_final_only": False,
+            "created_at": now - 3600,
+            "age_seconds": 3600.0,
+            "expires_at": None,
+            "collected": True,
+            "expires_in_seconds": None,
+            "job_summary": summary,
             "top_error": {"reason": "failed:server_error", "count": 6, "message": LONG_ERROR} if i % 2 else None,
-        }  # fmt: skip
+        }
         for i, batch_id in enumerate(ids)
     ]
 
