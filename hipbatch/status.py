@@ -103,8 +103,9 @@ _COUNTED_AS: dict[str, str] = {
 
 
 def job_summaries(store: Store, job: str | None = None) -> dict[str, dict[str, Any]]:
-    """Per job: current requests (what the dataset holds: one per file) done / failed / in flight / queued, the
-    superseded ones apart (old versions of changed files), and the money spent and still committed (all of it)."""
+    """Per job: current requests (what the dataset holds: one per file) done / failed / in flight / queued; the
+    superseded ones apart (replaced by newer requests for their files: a changed file, retry --max-tokens); the
+    money spent and still committed (all of it)."""
     sums: dict[str, dict[str, Any]] = {}
     for name, state, current, n, cost, n_cost, committed, n_committed in store.job_state_sums(job):
         s = sums.setdefault(name, {**dict.fromkeys(_COUNTS, 0), "cost": 0.0, "committed": 0.0, "states": {}})

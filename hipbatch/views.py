@@ -163,7 +163,8 @@ class Out:
             f"succeeded {summary['succeeded']}, failed {summary['failed']}, pending {summary['pending']}"
             + (f", skipped files {summary['skipped_files']}" if summary["skipped_files"] else "")
             + (
-                f"; superseded {summary['superseded']} (old versions of changed files, not in the dataset)"
+                f"; superseded {summary['superseded']} (replaced by newer requests for their files; paid, not in "
+                "the dataset)"
                 if summary.get("superseded")
                 else ""
             )
@@ -176,8 +177,8 @@ class Out:
             err(
                 "Failed files: "
                 + ", ".join(names)
-                + (f" and {more} more" if more > 0 else "")
-                + " (all of them, with the reasons: `hipbatch status --failed`)"
+                + (f" and {more} more (all of them, with the reasons:" if more > 0 else " (the reasons:")
+                + " `hipbatch status --failed`)"
             )
             err("Resend the failed ones with `hipbatch retry`.")
         if spent is not None and spent["cost_usd"] is not None:
@@ -381,7 +382,7 @@ def summary_line(job: str, s: dict[str, Any]) -> str:
     committed = ""
     if s["in_flight"] or s["queued"]:
         committed = f", up to {usd(s['committed_usd'])} committed in flight" if s["committed_usd"] is not None else ""
-    superseded = f" (and {s['superseded']} superseded: old versions of changed files)" if s.get("superseded") else ""
+    superseded = f" (and {s['superseded']} superseded by newer ones)" if s.get("superseded") else ""
     return (
         f"{job}: {s['requests']} requests{superseded}: {s['done']} done, {s['failed']} failed, {s['in_flight']} in "
         f"flight, {s['queued']} queued; cost so far {spent}{committed}"
@@ -432,7 +433,7 @@ def request_counts_line(summaries: dict[str, Any], queued_shards: int) -> str:
     return (
         "requests: "
         + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-        + (f"; superseded {superseded} (old versions of changed files)" if superseded else "")
+        + (f"; superseded {superseded} (replaced by newer requests for their files)" if superseded else "")
         + (f"; {queued_shards} shard(s) queued locally" if queued_shards else "")
     )
 

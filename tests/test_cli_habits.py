@@ -97,7 +97,8 @@ def test_counts_agree_after_a_file_changed(provider: str, server: LocalBatchServ
     assert row["job_summary"]["requests"] == 6 and row["job_summary"]["superseded"] == 1
     assert row["job_summary"]["states"] == {"succeeded": 6}
     text = cli("status").stdout
-    assert "kernels: 6 requests (and 1 superseded" in text and "requests: succeeded 6; superseded 1" in text
+    assert "kernels: 6 requests (and 1 superseded by newer ones)" in text
+    assert "requests: succeeded 6; superseded 1" in text
     cli("report")
     html = Path("report-kernels.html").read_text(encoding="utf-8")
     assert "<span class='muted'>requests</span><b>6</b>" in html

@@ -112,20 +112,34 @@ def test_a_malformed_base_url_is_one_line_naming_the_variable(
     assert f"OPENAI_BASE_URL={url!r}" in line and "not a usable base URL" in line
 
 
-def test_an_unknown_host_is_unreachable_not_a_model_problem() -> None:
-    # The SDK's own exception for a failed name lookup (no DNS query is made here), through the adapter's mapping.
+@pytest.mark.parametrize(
+    ("cause", "reason"),
+    [
+        ("ConnectError:[Errno -2] Name or service not known", "unknown host"),
+        ("ConnectTimeout:timed out", "the host did not answer (connect timeout)"),
+    ],
+)
+def test_an_unknown_or_silent_host_is_unreachable_not_a_model_problem(cause: str, reason: str) -> None:
+    # The SDK's own exceptions for a failed name lookup or a host that never answers (no DNS query or packet
+    # leaves this machine), through the adapter's mapping.
     import httpx2
     import openai
 
     from hipbatch.providers.openai import translate
 
+    kind, text = cause.split(":", 1)
     request = httpx2.Request("GET", "http://no-such-host.invalid/v1/models/gpt-4o-mini")
     with pytest.raises(Unreachable) as caught, translate("model gpt-4o-mini"):
         try:
-            raise httpx2.ConnectError("[Errno -2] Name or service not known")
-        except httpx2.ConnectError as cause:
-            raise openai.APIConnectionError(request=request) from cause
-    assert caught.value.reason == "unknown host" and caught.value.url == str(request.url)
+            raise getattr(httpx2, kind)(text)
+        except httpx2.TransportError as e:
+            error = (
+                openai.APITimeoutError(request)
+                if kind == "ConnectTimeout"
+                else openai.APIConnectionError(request=request)
+            )
+            raise error from e
+    assert caught.value.reason == reason and caught.value.url == str(request.url)
     assert isinstance(caught.value, TransientError)  # retried elsewhere (status, collect); final for the model check
 
 

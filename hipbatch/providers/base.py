@@ -224,16 +224,19 @@ def url_hint(settings: ProviderSettings) -> str:
 
 
 def connection_error(what: str, e: Any) -> TransientError:
-    """An SDK's APIConnectionError -> Unreachable (refused, unknown host, unusable URL) or TransientError."""
+    """An SDK's APIConnectionError -> Unreachable (refused, unknown host, no answer to connect, unusable URL) or
+    TransientError (a reset, a read timeout: worth retrying)."""
     cause = e.__cause__
     kind = type(cause).__name__ if cause is not None else ""
     url = str(getattr(getattr(e, "request", None), "url", "") or "")
-    if kind in ("ConnectError", "UnsupportedProtocol", "InvalidURL"):
+    if kind in ("ConnectError", "ConnectTimeout", "UnsupportedProtocol", "InvalidURL"):
         text = str(cause)
         reason = "connection refused" if "refused" in text.lower() else text
         if "name or service not known" in text.lower() or "nodename nor servname" in text.lower():
             reason = "unknown host"
-        if kind != "ConnectError":
+        if kind == "ConnectTimeout":
+            reason = "the host did not answer (connect timeout)"
+        elif kind != "ConnectError":
             reason = f"unusable URL ({text})"
         unreachable = Unreachable(f"{what}: cannot connect to {url}: {reason}")
         unreachable.url, unreachable.reason = url, reason
