@@ -3,20 +3,45 @@ the result to a view. The only module that exits."""
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable
 from dataclasses import asdict
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
 from hipbatch import __version__, ops, views
-from hipbatch.errors import HipbatchError
-from hipbatch.views import Out, err, print_json
+from hipbatch.commandline import (
+    Fields,
+    FollowSymlinks,
+    Force,
+    Format,
+    FormatOpt,
+    Glob,
+    InputDir,
+    Job,
+    JobName,
+    JsonOut,
+    Limit,
+    MaxFileBytes,
+    MaxInFlight,
+    MaxTokens,
+    Model,
+    OutputFile,
+    PollInterval,
+    Provider,
+    ProviderName,
+    RetryReason,
+    TemplateDir,
+    TemplateName,
+    Timeout,
+    opt,
+    registrar,
+)
+from hipbatch.views import Out, print_json
 
+# Plain help (rich_markup_mode=None): typer's rich panels cost ~100 ms of imports on every --help (measured),
+# over the 150 ms start-up budget.
 app = typer.Typer(
     help="Turn folders of HIP kernels into English prompts through the OpenAI and Anthropic Batch APIs.\n\n"
     "Start with `hipbatch demo` (no key needed). Real runs: `hipbatch submit DIR`, `hipbatch status`, "
@@ -24,70 +49,10 @@ app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class ProviderName(StrEnum):
-    openai = "openai"
-    anthropic = "anthropic"
-    gemini = "gemini"
-
-
-class Format(StrEnum):
-    json = "json"
-    jsonl = "jsonl"
-    parquet = "parquet"
-
-
-class RetryReason(StrEnum):
-    failed = "failed"
-    expired = "expired"
-    canceled = "canceled"
-    extraction_failed = "extraction_failed"
-    truncated = "truncated"
-    missing = "missing"
-
-
-# Options several commands share.
-JsonOut = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
-Job = Annotated[str | None, typer.Option(help="Only this job.")]
-JobName = Annotated[str | None, typer.Option(help="Job name (default: the input folder's name).")]
-InputDir = Annotated[Path, typer.Argument(help="Folder of source files.", show_default=False)]
-Model = Annotated[str | None, typer.Option(help="Model (default: config, then template).")]
-TemplateDir = Annotated[Path, typer.Option(help="Template folder.")]
-Glob = Annotated[str, typer.Option("--glob", help="Files to take, relative to INPUT_DIR.")]
-Limit = Annotated[int | None, typer.Option(min=1, help="Take only the first N files (sorted).")]
-OutputFile = Annotated[Path, typer.Option(help="Dataset file.")]
-FormatOpt = Annotated[Format, typer.Option("--format", help="json (one array), jsonl, or parquet (needs pyarrow).")]
-Fields = Annotated[str | None, typer.Option(help="Keys of each record, e.g. file_name,english_prompt (default: all).")]
-Force = Annotated[
-    bool, typer.Option("--force", help="Resubmit shards whose earlier submit cannot be told apart at the provider.")
-]
-MaxInFlight = Annotated[
-    int | None, typer.Option(min=1, help="Batches at the provider at once; the rest wait in the local queue.")
-]
-MaxTokens = Annotated[
-    int | None, typer.Option(min=1, help="Estimated input tokens enqueued per model at once (the provider's quota).")
-]
-
-
-def reports_errors(fn: F) -> F:
-    """Turn HipbatchError into `Error: ...` on stderr and its exit code; Ctrl-C into a hint and 130."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except HipbatchError as e:
-            err(f"Error: {e}")
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            err("Interrupted. Everything done so far is recorded; run the same command again to continue.")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
+command = registrar(app)
 
 
 def version_callback(value: bool) -> None:
@@ -100,41 +65,39 @@ def version_callback(value: bool) -> None:
 def main_callback(
     ctx: typer.Context,
     state_dir: Annotated[
-        Path, typer.Option(envvar="HIPBATCH_STATE_DIR", help="Where the store, shards and results live.")
+        Path, opt("PATH", "Where the store, shards and results live (any command).", envvar="HIPBATCH_STATE_DIR")
     ] = Path("state"),
     config: Annotated[
-        Path | None,
-        typer.Option("--config", help="Config file (default: ./hipbatch.toml or ./config.json if present)."),
+        Path | None, opt("PATH", "Config file (default: ./hipbatch.toml or ./config.json if present).", "--config")
     ] = None,
     version: Annotated[
-        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version and exit.")
+        bool, opt(None, "Print the version and exit.", "--version", callback=version_callback, is_eager=True)
     ] = False,
 ) -> None:
     """hipbatch: batch LLM prompt generation for HIP kernels."""
     ctx.obj = ops.Context(state_dir=state_dir, config_path=config)
 
 
-@app.command()
-@reports_errors
+@command()
 def submit(
     ctx: typer.Context,
     input_dir: InputDir,
-    provider: Annotated[ProviderName, typer.Option(help="Batch API to use.")] = ProviderName.openai,
+    provider: Provider = ProviderName.openai,
     model: Model = None,
-    template_dir: TemplateDir = ops.DEFAULT_TEMPLATE,
+    template: TemplateName = None,
+    template_dir: TemplateDir = None,
     glob: Glob = "**/*.hip",
     limit: Limit = None,
     job: JobName = None,
-    max_requests_per_batch: Annotated[
-        int | None, typer.Option(min=1, help="Cap per batch (the provider's limit applies anyway).")
-    ] = None,
+    follow_symlinks: FollowSymlinks = False,
+    max_file_bytes: MaxFileBytes = None,
+    max_requests_per_batch: Annotated[int | None, opt("INTEGER", "Cap per batch (else the provider's).", min=1)] = None,
     max_in_flight_batches: MaxInFlight = None,
     max_enqueued_tokens: MaxTokens = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Write the shards only: no network, no key.")] = False,
+    dry_run: Annotated[bool, opt(None, "Render and write shards only: no network, no key.", "--dry-run")] = False,
     force: Force = False,
     max_cost: Annotated[
-        float | None,
-        typer.Option("--max-cost", min=0, help="USD budget: refuse before any upload if the worst case is over it."),
+        float | None, opt("USD", "Budget: refuse, before any upload, when the estimated worst case is over it.", min=0)
     ] = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -142,9 +105,10 @@ def submit(
 
     Example: hipbatch submit kernels/ --provider openai --model gpt-4o-mini
     """
+    files = ops.Files(input_dir, glob, limit, job, template, template_dir, follow_symlinks, max_file_bytes)
     opts = ops.SubmitOptions(
-        input_dir, provider.value, model, template_dir, glob, limit, job, max_requests_per_batch,
-        max_in_flight_batches, max_enqueued_tokens, dry_run, force, max_cost,
+        files, provider.value, model, max_requests_per_batch, max_in_flight_batches, max_enqueued_tokens, dry_run,
+        force, max_cost,
     )  # fmt: skip
     result = ops.submit(ctx.obj, opts, Out(quiet=json_out))
     if json_out:
@@ -153,30 +117,30 @@ def submit(
         raise typer.Exit(1)
 
 
-@app.command()
-@reports_errors
+@command()
 def status(
     ctx: typer.Context,
     job: Job = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON array of batches.")] = False,
+    json_out: Annotated[bool, opt(None, "Print a JSON array of batches (of files with --failed).", "--json")] = False,
     watch: Annotated[
-        bool,
-        typer.Option("--watch", help="Refresh until every batch is finished, sending queued shards as capacity frees."),
+        bool, opt(None, "Refresh until every batch is finished, sending queued shards.", "--watch")
     ] = False,
-    interval: Annotated[float, typer.Option(min=0.05, help="Seconds between refreshes with --watch.")] = 30.0,
+    interval: Annotated[float, opt("SECONDS", "Seconds between refreshes with --watch.", min=0.05)] = 30.0,
     show_all: Annotated[
-        bool,
-        typer.Option(
-            "--all",
-            help=f"List every batch (by default, past {views.TABLE_ROWS} "
-            "batches, older collected ones are summed up in one line).",
-        ),
+        bool, opt(None, f"List every batch (past {views.TABLE_ROWS}, older collected ones are summed up).", "--all")
+    ] = False,
+    failed: Annotated[
+        bool, opt(None, "List every file whose request has no good answer: file, state, error.", "--failed")
     ] = False,
 ) -> None:
-    """Refresh unfinished batches and show where every batch stands.
+    """Refresh unfinished batches and show where every batch stands (--failed: which files failed, and why).
 
     Example: hipbatch status --watch --interval 60
     """
+    if failed:
+        rows = ops.failed_files(ctx.obj, job)
+        print_json(rows) if json_out else views.failed_table(rows)
+        return
     live = views.StatusLive()
 
     def show(result: ops.StatusResult) -> None:
@@ -184,11 +148,12 @@ def status(
             if not watch or result.finished:
                 print_json(result.rows)
             return
-        renderable = views.status_renderable(result.rows, result.queued_shards, show_all)
+        out = views.console()
+        renderable = views.status_renderable(result.rows, result.queued_shards, show_all, out.width)
         if watch and sys.stdout.isatty():
             live.show(renderable)  # redrawn in place
         else:
-            views.console().print(renderable)
+            out.print(renderable)
 
     try:
         ops.status(ctx.obj, ops.StatusOptions(job, watch, interval), Out(quiet=json_out), show)
@@ -196,18 +161,17 @@ def status(
         live.stop()
 
 
-@app.command()
-@reports_errors
+@command()
 def collect(
     ctx: typer.Context,
     output_file: OutputFile = ops.DEFAULT_OUTPUT,
     format: FormatOpt = Format.json,
-    job: Annotated[str | None, typer.Option(help="Only this job's records.")] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Poll until every batch is finished.")] = False,
-    poll_interval: Annotated[float, typer.Option(min=0.01, help="Seconds between polls with --wait.")] = 60.0,
-    timeout: Annotated[float | None, typer.Option(help="Give up waiting after this many seconds.")] = None,
+    job: Annotated[str | None, opt("NAME", "Only this job's records.")] = None,
+    wait: Annotated[bool, opt(None, "Poll until every batch is finished.", "--wait")] = False,
+    poll_interval: PollInterval = 60.0,
+    timeout: Timeout = None,
     reextract: Annotated[
-        bool, typer.Option("--reextract", help="Re-run the extractor over stored replies (no network).")
+        bool, opt(None, "Re-run the extractor over stored replies (no network).", "--reextract")
     ] = False,
     fields: Fields = None,
     strict: Annotated[bool, typer.Option("--strict", help="Fail kept prompts that still look suspicious.")] = False,
@@ -223,22 +187,16 @@ def collect(
         print_json(summary)
 
 
-@app.command()
-@reports_errors
+@command()
 def drain(
     ctx: typer.Context,
     output_file: OutputFile = ops.DEFAULT_OUTPUT,
     format: FormatOpt = Format.json,
-    job: Annotated[str | None, typer.Option(help="Only this job's records in the dataset.")] = None,
-    poll_interval: Annotated[float, typer.Option(min=0.01, help="Seconds between polls.")] = 60.0,
-    timeout: Annotated[float | None, typer.Option(help="Stop after this many seconds (rerun to go on).")] = None,
-    max_in_flight_batches: Annotated[
-        int | None, typer.Option(min=1, help="Batches at the provider at once (default: config, else 100).")
-    ] = None,
-    max_enqueued_tokens: Annotated[
-        int | None,
-        typer.Option(min=1, help="Estimated input tokens enqueued per model at once (default: config, else no limit)."),
-    ] = None,
+    job: Annotated[str | None, opt("NAME", "Only this job's records in the dataset.")] = None,
+    poll_interval: PollInterval = 60.0,
+    timeout: Timeout = None,
+    max_in_flight_batches: MaxInFlight = None,
+    max_enqueued_tokens: MaxTokens = None,
     fields: Fields = None,
     json_out: JsonOut = False,
 ) -> None:
@@ -258,12 +216,11 @@ def drain(
         print_json(summary)
 
 
-@app.command("cost")
-@reports_errors
+@command("cost")
 def cost_command(
     ctx: typer.Context,
     job: Job = None,
-    json_out: Annotated[bool, typer.Option("--json", help='Print {"rows": [...], "total": {...}} on stdout.')] = False,
+    json_out: Annotated[bool, opt(None, 'Print {"rows": [...], "total": {...}} on stdout.', "--json")] = False,
 ) -> None:
     """Show what each job and model cost: tokens, actual cost, cost still in flight, and the live price.
 
@@ -276,74 +233,60 @@ def cost_command(
         views.cost_table(led)
 
 
-@app.command("report")
-@reports_errors
+@command("report")
 def report_command(
     ctx: typer.Context,
-    job: Annotated[str | None, typer.Option(help="Job to report on (default: the only job).")] = None,
-    output: Annotated[
-        Path | None, typer.Option("--output", help="HTML file to write (default: report-JOB.html).")
-    ] = None,
+    job: Annotated[str | None, opt("NAME", "Job to report on (default: the only job).")] = None,
+    output: Annotated[Path | None, opt("PATH", "HTML file to write (default: report-JOB.html).", "--output")] = None,
     json_out: JsonOut = False,
 ) -> None:
     """Write a self-contained HTML page for a job: timeline, cost, failure reasons, sample prompts.
 
     Example: hipbatch report --job kernels --output kernels.html
     """
-    from hipbatch.cost import usd
-
     done = ops.report(ctx.obj, job, output, Out(quiet=json_out))
     if json_out:
         print_json(asdict(done))
     else:
-        err(
-            f"Wrote {done.output} ({done.bytes:,} bytes): cost {usd(done.cost_usd)}, live equivalent "
-            f"{usd(done.live_equivalent_usd)}. Open it in any browser; it needs no network."
-        )
+        Out().reported(done)
 
 
-@app.command()
-@reports_errors
+@command()
 def retry(
     ctx: typer.Context,
     only: Annotated[
         list[RetryReason] | None,
-        typer.Option(
+        opt(
+            "REASON",
+            "Only requests in this state: failed, expired, canceled, extraction_failed, truncated or missing; "
+            "repeat for several (default: all of them).",
             "--only",
-            metavar="REASON",
-            help="Only requests in this state: failed, expired, canceled, "
-            "extraction_failed, truncated or missing; repeat for several (default: all of them).",
         ),
     ] = None,
-    max_attempts: Annotated[int | None, typer.Option(min=1, help="Skip requests already sent this many times.")] = None,
-    job: Annotated[str | None, typer.Option(help="Only this job's requests.")] = None,
-    force: Annotated[
-        bool,
-        typer.Option("--force", help="Also resubmit shards whose earlier submit cannot be told apart at the provider."),
-    ] = False,
+    max_attempts: Annotated[int | None, opt("INTEGER", "Skip requests already sent this many times.", min=1)] = None,
+    max_tokens: Annotated[
+        int | None,
+        opt("INTEGER", "Send truncated requests with this max_tokens (new requests: new custom_ids).", min=1),
+    ] = None,
+    job: Annotated[str | None, opt("NAME", "Only this job's requests.")] = None,
+    force: Force = False,
     json_out: JsonOut = False,
 ) -> None:
     """Resubmit, in new batches, only the requests with no good answer (answers already paid are kept).
 
-    Example: hipbatch retry --only expired --only failed --max-attempts 3
+    Example: hipbatch retry --only expired --only failed --max-attempts 3  (or: --only truncated --max-tokens 2048)
     """
     reasons = tuple(r.value for r in (only or list(RetryReason)))
     out = Out(quiet=json_out)
-    result = ops.retry(ctx.obj, ops.RetryOptions(reasons, max_attempts, job, force), out)
+    result = ops.retry(ctx.obj, ops.RetryOptions(reasons, max_attempts, job, force, max_tokens), out)
     if json_out:
         print_json(asdict(result))
-    out.retried(result, max_attempts)
-    if result.unreadable:
-        err(
-            f"Warning: {len(result.unreadable)} request(s) could not be resent: their line is missing from "
-            f"the shard files under {ctx.obj.state_dir}/shards (first: {result.unreadable[0]})"
-        )
+    out.retried(result, max_attempts, ctx.obj.state_dir)
     if result.feed is not None and ops.unsent({"feed": asdict(result.feed)}):
         raise typer.Exit(1)
 
 
-@app.command()
-@reports_errors
+@command()
 def cancel(
     ctx: typer.Context,
     batch_ids: Annotated[
@@ -354,8 +297,8 @@ def cancel(
             show_default=False,
         ),
     ] = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation (for scripts).")] = False,
-    job: Annotated[str | None, typer.Option(help="Only this job's batches.")] = None,
+    yes: Annotated[bool, opt(None, "Do not ask for confirmation (for scripts).", "--yes", "-y")] = False,
+    job: Annotated[str | None, opt("NAME", "Only this job's batches.")] = None,
     json_out: JsonOut = False,
 ) -> None:
     """Cancel batches at the provider; results they already produced are collected later by `collect`.
@@ -364,15 +307,8 @@ def cancel(
     """
     if not batch_ids and not yes:
         plan = ops.cancel_plan(ctx.obj, job)
-        if not plan.batches and not plan.queued_shards:
-            err("Nothing to cancel: no unfinished batch and nothing queued.")
-            if json_out:
-                print_json({"cancelled": [], "already_final": [], "errors": []})
-            return
-        for batch_id, provider, state, job_name in plan.batches:
-            err(f"  {batch_id}  {provider}  {state}  job {job_name}")
-        queued = f" and {plan.queued_shards} shard(s) not sent yet" if plan.queued_shards else ""
-        typer.confirm(f"Cancel {len(plan.batches)} unfinished batch(es){queued}?", abort=True, err=True)
+        if not views.cancel_confirmed(plan, json_out, asks=sys.stdin.isatty()):  # no terminal: pass --yes
+            raise typer.Exit(0 if plan.empty else 1)
     out = Out(quiet=json_out)
     result = ops.cancel(ctx.obj, ops.CancelOptions(tuple(batch_ids or ()), job), out)
     if json_out:
@@ -380,26 +316,27 @@ def cancel(
     out.cancelled(result)
 
 
-@app.command()
-@reports_errors
+@command()
 def run(
     ctx: typer.Context,
     input_dir: InputDir,
     provider: Annotated[
-        ProviderName, typer.Option(help="API to call (any OpenAI-compatible server through OPENAI_BASE_URL).")
+        ProviderName, opt("PROVIDER", "openai or anthropic (any OpenAI-compatible server through OPENAI_BASE_URL).")
     ] = ProviderName.openai,
     model: Model = None,
-    template_dir: TemplateDir = ops.DEFAULT_TEMPLATE,
+    template: TemplateName = None,
+    template_dir: TemplateDir = None,
     glob: Glob = "**/*.hip",
     limit: Limit = None,
     job: JobName = None,
-    max_workers: Annotated[int, typer.Option(min=1, max=256, help="Live calls at once.")] = 10,
+    follow_symlinks: FollowSymlinks = False,
+    max_file_bytes: MaxFileBytes = None,
+    max_workers: Annotated[int, opt("INTEGER", "Live calls at once.", min=1, max=256)] = 10,
     max_requests_per_minute: Annotated[
-        int | None, typer.Option(min=1, help="Pace the calls to this many per minute.")
+        int | None, opt("INTEGER", "Pace the calls to this many per minute.", min=1)
     ] = None,
     max_tokens_per_minute: Annotated[
-        int | None,
-        typer.Option(min=1, help="Pace the calls to this many estimated tokens (input + max output) per minute."),
+        int | None, opt("INTEGER", "Pace the calls to this many estimated tokens (input + max output) a minute.", min=1)
     ] = None,
     output_file: OutputFile = ops.DEFAULT_OUTPUT,
     format: FormatOpt = Format.json,
@@ -413,45 +350,40 @@ def run(
 
     Example: hipbatch run kernels/ --limit 5 --max-workers 10
     """
+    files = ops.Files(input_dir, glob, limit, job, template, template_dir, follow_symlinks, max_file_bytes)
     opts = ops.RunOptions(
-        input_dir, provider.value, model, template_dir, glob, limit, job, max_workers, max_requests_per_minute,
-        max_tokens_per_minute, output_file, format.value,
+        files, provider.value, model, max_workers, max_requests_per_minute, max_tokens_per_minute, output_file,
+        format.value,
     )  # fmt: skip
     summary = ops.run(ctx.obj, opts, Out(quiet=json_out), show_progress=not json_out and sys.stderr.isatty())
     if json_out:
         print_json(summary)
-    if summary["fatal"]:
-        err(f"Error: {summary['fatal']}")
-        err("Stopped sending: every other request would fail the same way. Fix it and run again.")
-        raise typer.Exit(1)
-    if summary["interrupted"]:
-        err("Interrupted. Every answer received is recorded; run the same command again to continue.")
-        raise typer.Exit(130)
+    code = Out().run_ended(summary)
+    if code:
+        raise typer.Exit(code)
 
 
-@app.command()
-@reports_errors
+@command(global_options=False)
 def emulator(
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port on 127.0.0.1 (0 picks a free one).")] = 8765,
-    seed: Annotated[int, typer.Option(help="Seed for the fake model and injected faults.")] = 0,
-    polls_to_complete: Annotated[int, typer.Option(min=1, help="Status checks before a batch ends.")] = 2,
-    fault_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of HTTP calls that fail.")] = 0.0,
-    request_error_rate: Annotated[float, typer.Option(min=0, max=1, help="Share of requests that error.")] = 0.0,
-    forms: Annotated[str, typer.Option(help="Reply forms: mixed, or one of tag, fenced, label, ...")] = "mixed",
-    enqueued_token_limit: Annotated[int | None, typer.Option(help="Per-model enqueued token quota.")] = None,
-    live_latency: Annotated[float, typer.Option(help="Seconds before each live answer.")] = 0.0,
+    port: Annotated[int, opt("INTEGER", "Port on 127.0.0.1 (0 picks a free one).", min=0, max=65535)] = 8765,
+    seed: Annotated[int, opt("INTEGER", "Seed for the fake model and injected faults.")] = 0,
+    polls_to_complete: Annotated[int, opt("INTEGER", "Status checks before a batch ends.", min=1)] = 2,
+    fault_rate: Annotated[float, opt("FLOAT", "Share of HTTP calls that fail.", min=0, max=1)] = 0.0,
+    request_error_rate: Annotated[float, opt("FLOAT", "Share of requests that error.", min=0, max=1)] = 0.0,
+    forms: Annotated[str, opt("TEXT", "Reply forms: mixed, or one of tag, fenced, label, ...")] = "mixed",
+    enqueued_token_limit: Annotated[int | None, opt("INTEGER", "Per-model enqueued token quota.")] = None,
+    live_latency: Annotated[float, opt("SECONDS", "Seconds before each live answer.")] = 0.0,
     control: Annotated[
         bool,
-        typer.Option(
-            help="Serve the /_emulator/ control endpoints (stats, config, complete-all). On by default, guarded by "
-            "a token printed at start; their POSTs must be Content-Type: application/json."
+        opt(
+            None,
+            "Serve the /_emulator/ control endpoints (stats, config, complete-all). On by default, guarded by a "
+            "token printed at start; their POSTs must be Content-Type: application/json.",
         ),
     ] = True,
     control_token: Annotated[
         str | None,
-        typer.Option(
-            envvar="HIPBATCH_EMULATOR_TOKEN", help="Use this control token (16+ characters) instead of a random one."
-        ),
+        opt("TEXT", "Use this control token (16+ characters), not a random one.", envvar="HIPBATCH_EMULATOR_TOKEN"),
     ] = None,
 ) -> None:
     """Run the local batch server (OpenAI and Anthropic batch APIs, fake model) until Ctrl-C.
@@ -470,71 +402,43 @@ def emulator(
     ops.emulator(ops.EmulatorOptions(port, settings, control, control_token), Out())
 
 
-@app.command()
-@reports_errors
+@command(global_options=False)
 def demo(
-    provider: Annotated[ProviderName, typer.Option(help="Which batch API to rehearse.")] = ProviderName.openai,
-    output_file: Annotated[Path | None, typer.Option(help="Dataset file (default: data/demo-PROVIDER.json).")] = None,
+    provider: Annotated[ProviderName, opt("PROVIDER", "Which batch API to rehearse: openai or anthropic.")] = (
+        ProviderName.openai
+    ),
+    output_file: Annotated[Path | None, opt("PATH", "Dataset file (default: data/demo-PROVIDER.json).")] = None,
 ) -> None:
     """Run submit, status and collect on the bundled examples against a local batch server. No key needed.
 
     Example: hipbatch demo --provider anthropic
     """
-
-    def show_status(result: ops.StatusResult) -> None:
-        views.console().print(views.status_renderable(result.rows, result.queued_shards))
-
-    def show_cost(led: Any) -> None:
-        views.cost_table(led, views.console(stderr=True))
-
-    views.demo_end(ops.demo(provider.value, output_file, Out(), show_status, show_cost))
+    views.demo_end(ops.demo(provider.value, output_file, Out(), views.demo_status, views.demo_cost))
 
 
 # ---- built-in templates: `templates` and `init` ---------------------------------------------------
 # One self-contained block (the logic is in hipbatch/defaults.py), to be ported as is.
 
 
-@app.command("templates")
-@reports_errors
+@command("templates", global_options=False)
 def templates_command() -> None:
-    """List the built-in templates: name and description. `default` is used when --template-dir is not given.
+    """List the built-in templates, for `--template NAME` (`default` when no template is given).
 
     Example: hipbatch templates
     """
-    from hipbatch.defaults import builtin_templates
-    from hipbatch.files import shown
-
-    found = builtin_templates()
-    width = max((len(name) for name, _ in found), default=0)
-    for name, description in found:
-        typer.echo(f"{shown(name).ljust(width)}  {shown(description)}".rstrip())
+    views.templates(ops.templates())
 
 
-@app.command("init")
-@reports_errors
+@command("init", global_options=False)
 def init_command(
-    directory: Annotated[
-        Path | None, typer.Argument(help="Folder to write into (default: ./NAME).", show_default=False)
-    ] = None,
-    template: Annotated[
-        str, typer.Option("--template", help="Built-in template to copy (see `hipbatch templates`).")
-    ] = "default",
+    directory: Annotated[Path | None, typer.Argument(metavar="DIR", help="Folder to write (default: ./NAME).")] = None,
+    template: Annotated[str, opt("NAME", "Built-in template to copy (see `hipbatch templates`).")] = "default",
 ) -> None:
     """Write a copy of a built-in template and a commented hipbatch.toml to start from. Never overwrites a file.
 
-    Example: hipbatch init my-template --template default
+    Example: hipbatch init my-template --template json
     """
-    from hipbatch.defaults import init_template
-    from hipbatch.files import shown
-
-    dest = directory if directory is not None else Path(template)
-    for path in init_template(dest, template):
-        err(f"Wrote {shown(str(path))}")
-    where = shown(str(dest))
-    err(
-        f"Next: edit the templates, then `hipbatch submit DIR --template-dir {where}`; for settings, move "
-        f"{where}/hipbatch.toml to the folder you run hipbatch from, or pass --config {where}/hipbatch.toml."
-    )
+    views.initialised(*ops.init(directory, template))
 
 
 def main() -> None:

@@ -285,15 +285,17 @@ def resolve(
     chosen = model or os.environ.get("HIPBATCH_MODEL") or table.get("model") or template_defaults.get("model")
     if not chosen:
         raise UsageError(f"no model for {provider}: pass --model or set model in the template or config")
-    env_url = os.environ.get(BASE_URL_ENV[provider], "").strip()
-    if env_url:
-        check_value("base_url", env_url, BASE_URL_ENV[provider])
-    base_url = env_url or table.get("base_url") or None
+    base_url, source = os.environ.get(BASE_URL_ENV[provider], "").strip() or None, BASE_URL_ENV[provider]
+    if base_url:
+        check_value("base_url", base_url, BASE_URL_ENV[provider])
+    elif table.get("base_url"):
+        base_url, source = str(table["base_url"]), f"providers.{provider}.base_url in {config.path}"
     settings = ProviderSettings(
         name=provider,
         key_env=str(table.get("api_key_env") or PROVIDERS[provider][1]),
-        base_url=base_url,
+        base_url=base_url or None,
         timeout=float(table.get("timeout", 120.0)),
         params=params,
+        base_url_source=source if base_url else None,
     )
     return settings, str(chosen), params

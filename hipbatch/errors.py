@@ -6,6 +6,7 @@ HipbatchError
  │    └── MissingKey       the API key variable is not set
  ├── ProviderError         the provider refused or failed a call after retries
  │    └── TransientError   worth retrying: 429, 5xx, connection reset, timeout
+ │         └── Unreachable no connection to the base URL (refused, unknown host): final for the model check
  ├── AmbiguousSubmit       a batch may exist for a shard and could not be matched; rerun with --force
  ├── StoreLocked           another hipbatch process holds the state dir
  └── BudgetExceeded        the estimated worst case is over --max-cost
@@ -39,10 +40,18 @@ class ProviderError(HipbatchError):
 
     status_code: int | None = None  # the HTTP status, when the provider answered
     retry_after: float | None = None  # seconds the provider asked us to wait, when it said
+    error_code: str | None = None  # the provider's own error code or type (model_not_found, not_found_error)
 
 
 class TransientError(ProviderError):
     """A provider call failed in a way worth retrying."""
+
+
+class Unreachable(TransientError):
+    """No connection could be made to the base URL (refused, unknown host, unusable URL)."""
+
+    url: str = ""  # the URL the call went to
+    reason: str = ""  # "connection refused", "unknown host", ...
 
 
 class AmbiguousSubmit(HipbatchError):

@@ -163,6 +163,80 @@ def m003_superseded_answers(db: Database) -> None:
     db.table("superseded").create_index(["job", "provider", "model"])
 
 
+#: ISO-8601 (UTC, milliseconds) text of an epoch-seconds column, as the views and the *_iso columns show it.
+def _iso(column: str) -> str:
+    return f"strftime('%Y-%m-%dT%H:%M:%fZ', {column}, 'unixepoch')"
+
+
+_TIMESTAMPS = {
+    "jobs": ("created_at", "updated_at"),
+    "files": ("updated_at",),
+    "requests": ("created_at", "answered_at", "updated_at"),
+    "shards": ("intent_at", "created_at", "updated_at"),
+    "batches": ("created_at", "expires_at", "finished_at", "refreshed_at"),
+    "superseded": ("answered_at", "superseded_at"),
+}
+_NO_GOOD_ANSWER = "('failed', 'expired', 'canceled', 'extraction_failed', 'truncated', 'missing')"
+
+
+@migrations()
+def m005_readable_store(db: Database) -> None:
+    # A store people can open (datasette, sqlite3): every epoch timestamp gets an ISO-8601 text twin, computed
+    # when read (VIRTUAL generated columns: nothing is added to any write), and three views.
+    for table, columns in _TIMESTAMPS.items():
+        for column in columns:
+            db.execute(
+                f"ALTER TABLE [{table}] ADD COLUMN [{column}_iso] TEXT GENERATED ALWAYS AS ({_iso(column)}) VIRTUAL"
+            )
+    # requests.is_current: 1 while a file row points at the request (what the dataset holds), 0 for the old
+    # request of a changed or removed file, so counts show those apart ("superseded"). Kept by triggers on
+    # files, so no writer has to remember it; status reads it from its covering index.
+    db.table("requests").add_column("is_current", int, not_null_default=1)
+    db.execute(
+        "UPDATE requests SET is_current = 0 WHERE NOT EXISTS "
+        "(SELECT 1 FROM files f WHERE f.custom_id = requests.custom_id)"
+    )
+    db.execute("DROP INDEX IF EXISTS idx_requests_job_state_cost_usd_est_cost_usd")
+    db.table("requests").create_index(["job", "state", "is_current", "cost_usd", "est_cost_usd"])
+    unpointed = "AND NOT EXISTS (SELECT 1 FROM files f WHERE f.custom_id = OLD.custom_id)"
+    db.execute(  # one primary-key look-up per new file row; an UPDATE only in the rare case it is needed
+        "CREATE TRIGGER files_point_insert AFTER INSERT ON files "
+        "WHEN (SELECT is_current FROM requests WHERE custom_id = NEW.custom_id) = 0 BEGIN "
+        "UPDATE requests SET is_current = 1 WHERE custom_id = NEW.custom_id; END"
+    )
+    db.execute(
+        "CREATE TRIGGER files_point_update AFTER UPDATE OF custom_id ON files "
+        "WHEN OLD.custom_id IS NOT NEW.custom_id BEGIN "
+        f"UPDATE requests SET is_current = 0 WHERE custom_id = OLD.custom_id {unpointed}; "
+        "UPDATE requests SET is_current = 1 WHERE custom_id = NEW.custom_id AND is_current = 0; END"
+    )
+    db.execute(
+        "CREATE TRIGGER files_point_delete AFTER DELETE ON files WHEN OLD.custom_id IS NOT NULL BEGIN "
+        f"UPDATE requests SET is_current = 0 WHERE custom_id = OLD.custom_id {unpointed}; END"
+    )
+    db.execute(
+        "CREATE VIEW dataset AS SELECT f.job, f.file_name, r.prompt AS english_prompt, r.custom_id, r.provider, "
+        f"r.model, coalesce(r.via, 'batch') AS via, r.batch_id, {_iso('r.answered_at')} AS answered_at "
+        "FROM files f JOIN requests r ON r.custom_id = f.custom_id WHERE r.state = 'succeeded'"
+    )
+    db.execute(
+        "CREATE VIEW failures AS SELECT f.job, f.file_name, r.state, r.error_code, r.error_message, r.attempts, "
+        f"r.batch_id, r.custom_id, r.provider, r.model, {_iso('r.updated_at')} AS updated_at "
+        f"FROM files f JOIN requests r ON r.custom_id = f.custom_id WHERE r.state IN {_NO_GOOD_ANSWER} "
+        "UNION ALL SELECT job, file_name, 'skipped', NULL, skip_reason, 0, NULL, NULL, NULL, NULL, "
+        f"{_iso('updated_at')} FROM files WHERE skip_reason IS NOT NULL"
+    )
+    db.execute(
+        "CREATE VIEW batch_overview AS SELECT b.id AS batch_id, b.job, b.provider, b.model, b.status, b.is_final, "
+        "b.collected, b.total, b.done, b.failed, (SELECT count(*) FROM requests r WHERE r.state = 'succeeded' "
+        "AND r.batch_id = b.id) AS succeeded_in_ledger, (SELECT count(*) FROM requests r WHERE r.state IN "
+        f"{_NO_GOOD_ANSWER} AND r.batch_id = b.id) AS failed_in_ledger, {_iso('b.created_at')} AS created_at, "
+        f"{_iso('b.expires_at')} AS expires_at, {_iso('b.finished_at')} AS finished_at, "
+        f"{_iso('b.refreshed_at')} AS refreshed_at, s.path AS shard_path, s.n_requests AS shard_requests "
+        "FROM batches b LEFT JOIN shards s ON s.id = b.shard_id"
+    )
+
+
 @migrations()
 def m006_extraction_method(db: Database) -> None:
     # How each kept prompt was found (tag, fenced, label, json, whole) and why it may still be wrong (suspects,

@@ -7,12 +7,13 @@ prints. Nothing here parses arguments or formats tables.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from hipbatch import poll
 from hipbatch.errors import UsageError
@@ -22,12 +23,27 @@ from hipbatch.views import Out
 if TYPE_CHECKING:
     from hipbatch.config import Config
     from hipbatch.cost import Ledger, PriceTable
+    from hipbatch.prepare import Source
     from hipbatch.queue import Windows
+    from hipbatch.render import Template
     from hipbatch.report import ReportSummary
     from hipbatch.store import Store
 
 DEFAULT_OUTPUT = Path("data/generated_prompts.json")
-DEFAULT_TEMPLATE = Path("templates/default")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def tells_retries(fn: Callable[P, R]) -> Callable[P, R]:
+    """Retries that wait more than a few seconds inside the command are told on its `Out` (attempt, next try)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        out = next((a for a in [*args, *kwargs.values()] if isinstance(a, Out)), None)
+        with poll.notifying(out.retrying if out is not None else None):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -76,16 +92,52 @@ def windows(config: Config, max_in_flight: int | None = None, max_tokens: int | 
 
 
 @dataclass(frozen=True)
-class SubmitOptions:
-    """`hipbatch submit`."""
+class Files:
+    """Which files `submit` and `run` take, how they are read, and the template that renders them."""
 
     input_dir: Path
-    provider: str = "openai"
-    model: str | None = None
-    template_dir: Path = DEFAULT_TEMPLATE
     glob: str = "**/*.hip"
     limit: int | None = None
     job: str | None = None
+    template: str | None = None  # a built-in template by name
+    template_dir: Path | None = None  # or a folder of one's own (None and no name: the built-in default)
+    follow_symlinks: bool = False
+    max_file_bytes: int | None = None
+
+    def template_path(self) -> Path | None:
+        """The template folder to load (None: the built-in default); both a name and a folder is an error."""
+        from hipbatch.defaults import builtin_template_dir
+
+        if self.template is not None and self.template_dir is not None:
+            raise UsageError("--template and --template-dir: give one (a built-in name, or your own folder)")
+        return builtin_template_dir(self.template) if self.template is not None else self.template_dir
+
+    def source(self) -> Source:
+        """The files to read (a bad INPUT_DIR fails here, before anything is written)."""
+        from hipbatch.prepare import Source
+        from hipbatch.render import iter_discover
+
+        iter_discover(self.input_dir, self.glob)
+        job = job_name(self.input_dir, self.job)
+        return Source(self.input_dir, job, self.glob, self.limit, self.follow_symlinks, self.max_file_bytes)
+
+
+def _template(files: Files, out: Out) -> Template:
+    from hipbatch.render import load_template
+
+    template = load_template(files.template_path())
+    for warning in template.warnings:
+        out.warn(warning)
+    return template
+
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    """`hipbatch submit`."""
+
+    files: Files
+    provider: str = "openai"
+    model: str | None = None
     max_requests_per_batch: int | None = None
     max_in_flight_batches: int | None = None
     max_enqueued_tokens: int | None = None
@@ -94,22 +146,23 @@ class SubmitOptions:
     max_cost: float | None = None
 
 
+@tells_retries
 def submit(ctx: Context, opts: SubmitOptions, out: Out) -> dict[str, Any]:
     """Render, pack and record every file's request, then send the new ones (nothing with --dry-run)."""
     from hipbatch import cost
-    from hipbatch.prepare import Source, prepare
+    from hipbatch.prepare import prepare
     from hipbatch.providers.registry import Adapters, provider_for_job
-    from hipbatch.render import iter_discover, load_template
     from hipbatch.submit import feed
 
     config = ctx.config(out)
-    template = load_template(opts.template_dir)
+    template = _template(opts.files, out)
     adapter, model, params = provider_for_job(config, template, opts.provider, opts.model)
-    source = Source(opts.input_dir, job_name(opts.input_dir, opts.job), opts.glob, opts.limit)
-    iter_discover(opts.input_dir, opts.glob)  # bad INPUT_DIR fails here, before anything is written
+    source = opts.files.source()
     if not opts.dry_run:
         adapter.check_key()  # before anything is written or sent
-        poll.retrying(adapter.check_model, model, sleep=ctx.clock.sleep)
+        unchecked = poll.retrying(adapter.check_model, model, rule=poll.CHECK, sleep=ctx.clock.sleep)
+        if unchecked:
+            out.warn(unchecked)
     store = ctx.store()
     with locked(store):
         prices = cost.load_prices(config)
@@ -166,6 +219,7 @@ class StatusResult:
         return all(r["is_final"] for r in self.rows)
 
 
+@tells_retries
 def status(ctx: Context, opts: StatusOptions, out: Out, show: Callable[[StatusResult], None]) -> None:
     """Refresh unfinished batches and show them; with watch, again every interval until all are final
     (sending queued shards as capacity frees)."""
@@ -220,14 +274,17 @@ class CollectOptions:
     max_enqueued_tokens: int | None = None
 
 
+@tells_retries
 def collect(ctx: Context, opts: CollectOptions, out: Out, kept: Windows | None = None) -> dict[str, Any]:
     """Poll (once, or until done with wait), download and record what finished, then write the dataset.
     `kept`: capacity windows to use (and keep shrunk or grown) across polls, else built from the options."""
     from hipbatch import cost
     from hipbatch.collect import reextract
+    from hipbatch.config import check_output_path
     from hipbatch.dataset import parse_fields
 
-    parse_fields(opts.fields)  # a bad --fields or config value fails before anything is read or sent
+    parse_fields(opts.fields)  # a bad --fields, output path or config value fails before anything is read or sent
+    check_output_path(opts.output_file, "--output-file")
     config = ctx.config(out)
     if not (ctx.state_dir / "hipbatch.db").exists():
         # Nothing was ever submitted from here: write nothing (an existing dataset stays as it is).
@@ -286,6 +343,9 @@ def _poller(
     return poll_once
 
 
+FAILED_FILES_SHOWN = 10  # failed files named in collect's summary (`status --failed` lists them all)
+
+
 def _write_dataset(store: Store, opts: CollectOptions, prices: PriceTable | None, out: Out) -> dict[str, Any]:
     from hipbatch import cost
     from hipbatch.dataset import parse_fields, write_dataset
@@ -293,9 +353,11 @@ def _write_dataset(store: Store, opts: CollectOptions, prices: PriceTable | None
     with locked(store):
         kept = _kept_prompts(store, opts.job, opts.strict)
         written = write_dataset(store, opts.output_file, opts.format, opts.job, parse_fields(opts.fields))
-        counts = store.request_counts(opts.job)
+        counts = store.request_counts(opts.job)  # current requests: one per file, what the dataset can hold
         reasons = store.failure_reasons(opts.job)
+        failed_files = [r for r in store.failed_files(opts.job, FAILED_FILES_SHOWN + 1) if r["reason"] != "skipped"]
         skipped = store.skipped_files(opts.job)
+        superseded = store.superseded_count(opts.job)
         spent = cost.ledger(store, prices, opts.job).total if prices is not None else None
     pending = counts.get("pending", 0) + counts.get("submitted", 0)
     summary = {
@@ -306,8 +368,10 @@ def _write_dataset(store: Store, opts: CollectOptions, prices: PriceTable | None
         "succeeded": counts.get("succeeded", 0),
         "failed": sum(reasons.values()),
         "failed_by_reason": reasons,
+        "failed_files": [r["file_name"] for r in failed_files[:FAILED_FILES_SHOWN]],  # the first ones, by name
         "pending": pending,
         "skipped_files": len(skipped),
+        "superseded": superseded,  # old requests of changed files: paid, counted in cost, not in the dataset
         **kept,
     }
     out.collect_summary(summary, spent)
@@ -366,9 +430,12 @@ def cost_ledger(ctx: Context, job: str | None, out: Out) -> Ledger:
 def report(ctx: Context, job: str | None, output: Path | None, out: Out) -> ReportSummary:
     """`hipbatch report`: write the job's self-contained HTML page."""
     from hipbatch import cost
+    from hipbatch.config import check_output_path
     from hipbatch.pack import safe_name
     from hipbatch.report import default_job, write_report
 
+    if output is not None:
+        check_output_path(output, "--output")
     store = ctx.store()
     name = job or default_job(store)
     prices = cost.load_prices(ctx.config(out))
@@ -380,6 +447,13 @@ def report(ctx: Context, job: str | None, output: Path | None, out: Out) -> Repo
 # ---- retry and cancel -----------------------------------------------------------------------------
 
 
+def failed_files(ctx: Context, job: str | None) -> list[dict[str, Any]]:
+    """`status --failed`: every file with no good answer (its reason and error), skipped files last."""
+    store = ctx.store()
+    _check_job(store, ctx.state_dir, job)
+    return store.failed_files(job)
+
+
 @dataclass(frozen=True)
 class RetryOptions:
     """`hipbatch retry`."""
@@ -388,8 +462,10 @@ class RetryOptions:
     max_attempts: int | None = None
     job: str | None = None
     force: bool = False
+    max_tokens: int | None = None  # truncated requests go again as new requests with this max_tokens
 
 
+@tells_retries
 def retry(ctx: Context, opts: RetryOptions, out: Out) -> Any:
     """Resend, in new batches, the requests with no good answer."""
     from hipbatch.providers.registry import Adapters
@@ -400,7 +476,7 @@ def retry(ctx: Context, opts: RetryOptions, out: Out) -> Any:
     with locked(store):
         result = resend(
             store, Adapters(config), list(opts.reasons), opts.max_attempts, opts.job, windows(config), opts.force,
-            ctx.clock.sleep,
+            ctx.clock.sleep, opts.max_tokens,
         )  # fmt: skip
     if result.feed is not None:
         out.feed_problems(result.feed)
@@ -422,6 +498,10 @@ class CancelPlan:
     batches: list[tuple[str, str, str, str]] = field(default_factory=list)  # id, provider, status, job
     queued_shards: int = 0
 
+    @property
+    def empty(self) -> bool:
+        return not self.batches and not self.queued_shards
+
 
 def cancel_plan(ctx: Context, job: str | None) -> CancelPlan:
     """Every unfinished batch and unsent shard (of the job): what a bare `cancel` stops."""
@@ -433,6 +513,7 @@ def cancel_plan(ctx: Context, job: str | None) -> CancelPlan:
     return CancelPlan([(b.id, b.provider, b.status, b.job) for b in targets], len(store.shards_in_states(states, job)))
 
 
+@tells_retries
 def cancel(ctx: Context, opts: CancelOptions, out: Out) -> Any:
     """Cancel batches at the provider (default: every unfinished one, and the local queue)."""
     from hipbatch.cancel import cancel as stop
@@ -451,13 +532,9 @@ def cancel(ctx: Context, opts: CancelOptions, out: Out) -> Any:
 class RunOptions:
     """`hipbatch run`."""
 
-    input_dir: Path
+    files: Files
     provider: str = "openai"
     model: str | None = None
-    template_dir: Path = DEFAULT_TEMPLATE
-    glob: str = "**/*.hip"
-    limit: int | None = None
-    job: str | None = None
     max_workers: int = 10
     max_requests_per_minute: int | None = None
     max_tokens_per_minute: int | None = None
@@ -468,17 +545,16 @@ class RunOptions:
 def run(ctx: Context, opts: RunOptions, out: Out, show_progress: bool = False) -> dict[str, Any]:
     """Answer the folder's requests now with concurrent live calls, then write the dataset."""
     from hipbatch import cost
+    from hipbatch.config import check_output_path
     from hipbatch.dataset import write_dataset
     from hipbatch.live import run_live
-    from hipbatch.prepare import Source
     from hipbatch.providers.registry import provider_for_job
-    from hipbatch.render import discover, load_template
 
     config = ctx.config(out)
-    template = load_template(opts.template_dir)
+    check_output_path(opts.output_file, "--output-file")
+    template = _template(opts.files, out)
     adapter, model, params = provider_for_job(config, template, opts.provider, opts.model)
-    source = Source(opts.input_dir, job_name(opts.input_dir, opts.job), opts.glob, opts.limit)
-    discover(opts.input_dir, opts.glob)  # bad INPUT_DIR fails here, before anything is written
+    source = opts.files.source()
     adapter.check_key()
     store = ctx.store()
     # Held for the whole run: a request taken from a queued shard must not go in a batch meanwhile.
@@ -514,10 +590,10 @@ def demo(
     """submit, status, collect, cost and report on the bundled examples against an in-process local server."""
     import tempfile
 
+    from hipbatch.defaults import examples_dir
     from hipbatch.emulator import EmulatorConfig, LocalBatchServer
-    from hipbatch.render import REPO_ROOT
 
-    examples = REPO_ROOT / "examples" / "hip"
+    examples = examples_dir()
     output = output_file or Path("data") / f"demo-{provider}.json"
     key_env, url_env = DEMO_ENV[provider]
     with (
@@ -534,7 +610,7 @@ def demo(
         ctx = Context(state_dir=Path(tmp) / "state")
         out.note(f"Local batch server on {server.url}; state in a temporary folder.\n")
         out.note(f"$ hipbatch submit {examples} --provider {provider}")
-        submit(ctx, SubmitOptions(examples, provider, job="demo"), out)
+        submit(ctx, SubmitOptions(Files(examples, job="demo"), provider), out)
         out.note("\n$ hipbatch status")
         show_status(status_once(ctx.store(), ctx.config(out), None, out))
         out.note(f"\n$ hipbatch collect --wait --poll-interval 0.2 --output-file {output}")
@@ -560,6 +636,21 @@ class EmulatorOptions:
     settings: dict[str, Any] = field(default_factory=dict)  # EmulatorConfig fields
     control: bool = True
     control_token: str | None = None
+
+
+def templates() -> list[tuple[str, str]]:
+    """`hipbatch templates`: the built-in templates, (name, description)."""
+    from hipbatch.defaults import builtin_templates
+
+    return builtin_templates()
+
+
+def init(directory: Path | None, template: str) -> tuple[Path, list[Path]]:
+    """`hipbatch init`: a copy of a built-in template and a commented hipbatch.toml; (folder, files written)."""
+    from hipbatch.defaults import init_template
+
+    dest = directory if directory is not None else Path(template)
+    return dest, init_template(dest, template)
 
 
 def emulator(opts: EmulatorOptions, out: Out) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +22,9 @@ if TYPE_CHECKING:  # tenacity loads on the first retry, not with every command (
 
 T = TypeVar("T")
 Sleep = Callable[[float], None]
+#: Told before each back-off once retries have waited NOTIFY_AFTER_S in all: (attempt that failed, of how many,
+#: seconds until the next try, the error).
+Notify = Callable[[int, int, float, BaseException], None]
 
 MAX_RETRY_AFTER = 60.0  # honour Retry-After up to this; a server asking for an hour does not stall a run
 
@@ -46,7 +51,8 @@ class Policy:
 
 
 #: The retry policies, by what is retried. These are the only retry numbers in hipbatch.
-CALL = Policy(attempts=8)  # an upload, a list, a model check: safe to repeat
+CALL = Policy(attempts=8)  # an upload, a list: safe to repeat
+CHECK = Policy(attempts=3, cap=4.0)  # the model check before a submit: a wrong URL must fail in seconds
 STATUS = Policy(attempts=4)  # a status check: a failed one leaves the batch as it was until the next poll
 CANCEL = Policy(attempts=3)  # a cancel, and the status check after a refused cancel
 CREATE = Policy(attempts=6)  # a batch create: after an ambiguous failure, look for the batch before trying again
@@ -62,6 +68,20 @@ MAX_STUCK_POLLS = 5
 MAX_IDLE_POLLS = 5
 
 LOCK_POLL_S = 0.05  # how often a command waiting for the state-dir lock tries again
+NOTIFY_AFTER_S = 3.0  # retries that have waited this long in all are announced (attempt n, next try in s)
+
+#: Who is told about long retries when a caller passes no `notify` (a command sets it for its whole run).
+_NOTIFY: ContextVar[Notify | None] = ContextVar("hipbatch_notify", default=None)
+
+
+@contextmanager
+def notifying(notify: Notify | None) -> Iterator[None]:
+    """Within the block, every retry policy that waits more than NOTIFY_AFTER_S tells `notify`."""
+    token = _NOTIFY.set(notify)
+    try:
+        yield
+    finally:
+        _NOTIFY.reset(token)
 
 
 def backoff(
@@ -91,13 +111,17 @@ def policy(
     retry_on: tuple[type[BaseException], ...] = (TransientError,),
     give_up: Callable[[], bool] | None = None,
     no_wait: Callable[[BaseException], bool] | None = None,
+    notify: Notify | None = None,
 ) -> Retrying:
     """The one tenacity builder: retry `retry_on` errors under `rule`, honouring Retry-After.
 
     give_up() ends the retries early (a stopping run); no_wait(error) skips the back-off for errors that are
-    waited for elsewhere (a 429 in live mode holds the shared gate instead).
+    waited for elsewhere (a 429 in live mode holds the shared gate instead). notify (default: the one set by
+    `notifying`) hears of each back-off once the waits add up to NOTIFY_AFTER_S.
     """
     from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+
+    tell = notify or _NOTIFY.get()
 
     def stop(state: RetryCallState) -> bool:
         return bool(give_up and give_up()) or stop_after_attempt(rule.attempts)(state)
@@ -108,23 +132,41 @@ def policy(
             return 0.0
         return backoff(rule, state.attempt_number, _retry_after(state))
 
-    return Retrying(stop=stop, wait=wait, retry=retry_if_exception_type(retry_on), sleep=sleep, reraise=True)
+    def before_sleep(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        if tell is not None and error is not None and state.idle_for >= NOTIFY_AFTER_S:
+            tell(state.attempt_number, rule.attempts, state.upcoming_sleep, error)
+
+    return Retrying(
+        stop=stop,
+        wait=wait,
+        retry=retry_if_exception_type(retry_on),
+        sleep=sleep,
+        reraise=True,
+        before_sleep=before_sleep,
+    )
 
 
 def attempts(
     rule: Policy,
     sleep: Callable[[float], None] = time.sleep,
     retry_on: tuple[type[BaseException], ...] = (TransientError,),
+    notify: Notify | None = None,
 ) -> Iterator[AttemptManager]:
     """`for attempt in attempts(rule): with attempt: ...`: the tries of a block that does more than one call."""
-    yield from policy(rule, sleep, retry_on)
+    yield from policy(rule, sleep, retry_on, notify=notify)
 
 
 def retrying(
-    fn: Callable[..., T], *args: Any, rule: Policy = CALL, sleep: Callable[[float], None] = time.sleep, **kwargs: Any
+    fn: Callable[..., T],
+    *args: Any,
+    rule: Policy = CALL,
+    sleep: Callable[[float], None] = time.sleep,
+    notify: Notify | None = None,
+    **kwargs: Any,
 ) -> T:
     """Call fn, retrying TransientError under `rule` (honouring Retry-After); other errors pass through."""
-    for attempt in policy(rule, sleep):
+    for attempt in policy(rule, sleep, notify=notify):
         with attempt:
             return fn(*args, **kwargs)
     raise AssertionError("unreachable")  # pragma: no cover

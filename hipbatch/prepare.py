@@ -78,7 +78,8 @@ class Source:
 
     def read(self, name: str) -> str:
         """One file's text, or SkipFile with the reason (only regular files inside INPUT_DIR, up to the cap)."""
-        from hipbatch.render import DEFAULT_MAX_FILE_BYTES, read_source
+        from hipbatch.files import DEFAULT_MAX_FILE_BYTES
+        from hipbatch.render import read_source
 
         return read_source(
             os.path.join(self.input_dir, name),

@@ -288,6 +288,7 @@ def _cards(store: Store, job: str, led: Ledger) -> str:
         ("failed", f"{summary['failed']:,}"),
         ("in flight", f"{summary['in_flight']:,}"),
         ("queued", f"{summary['queued']:,}"),
+        *([("superseded", f"{summary['superseded']:,}")] if summary.get("superseded") else []),
         ("cost", usd(led.total["cost_usd"])),
         ("live equivalent", usd(led.total["live_equivalent_usd"])),
         ("committed in flight", usd(led.total["committed_usd"])),

@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hipbatch import poll
 from hipbatch.errors import UsageError
-from hipbatch.pack import Shard, ShardWriter, safe_name, shard_prefix
+from hipbatch.pack import LineEncoder, Shard, ShardWriter, safe_name, shard_prefix
 from hipbatch.providers.base import line_id
 from hipbatch.providers.registry import Adapters
 from hipbatch.queue import Window
-from hipbatch.records import RETRYABLE, ShardRow
+from hipbatch.records import RETRYABLE, RequestState, ShardRow
 from hipbatch.store import Store
 from hipbatch.submit import FeedReport, feed
 
@@ -40,20 +40,51 @@ class RetryReport:
     unreadable: list[str] = field(default_factory=list)  # requests whose original line could not be found
     shards: list[str] = field(default_factory=list)
     feed: FeedReport | None = None
+    max_tokens: int | None = None  # --max-tokens: truncated requests go again as new requests with it
+    renewed: int = 0  # truncated requests sent as new requests (new custom_id) with max_tokens
+
+
+class Renewer:
+    """--max-tokens: a truncated request's line rebuilt with the new max_tokens, under its new custom_id (the
+    same recipe as a rendered request: provider, endpoint, model, params, messages)."""
+
+    def __init__(self, adapters: Adapters, max_tokens: int, known: Callable[[list[str]], set[str]]) -> None:
+        self.adapters, self.max_tokens, self.known = adapters, max_tokens, known
+        self.renamed: dict[str, str] = {}  # new custom_id -> the old one, until its shard is recorded
+        self._encoders: dict[tuple[str, str, str], LineEncoder] = {}
+
+    def renew(self, provider: str, line: dict[str, Any]) -> tuple[str, bytes] | None:
+        """(new custom_id, line), or None when the new request would be the same or is already in the store."""
+        adapter = self.adapters.get(provider)
+        model, params, system, user = adapter.request_parts(line)
+        params = {**params, "max_tokens": self.max_tokens}
+        key = (provider, model, json.dumps(sorted(params.items()), default=str))
+        encoder = self._encoders.setdefault(key, LineEncoder(adapter, model, params))
+        custom_id, new_line = encoder.encode(system, user)
+        if custom_id == line_id(line) or custom_id in self.renamed or self.known([custom_id]):
+            return None
+        self.renamed[custom_id] = str(line_id(line))
+        return custom_id, new_line
 
 
 def _group(shard: ShardRow) -> Group:
     return (shard.job, shard.provider, shard.model, shard.endpoint)
 
 
-def _writer(store: Store, shard: ShardRow, max_requests: int, max_bytes: int, report: RetryReport) -> ShardWriter:
-    """The packer of one group's retry shards: each is recorded, its requests moved into it, once closed."""
+def _writer(
+    store: Store, shard: ShardRow, max_requests: int, max_bytes: int, report: RetryReport, renewer: Renewer | None
+) -> ShardWriter:
+    """The packer of one group's retry shards: each is recorded, its requests moved into it (or, renewed with
+    --max-tokens, new requests made in it for the same files), once closed."""
     job, provider, model, endpoint = _group(shard)
+    renamed = renewer.renamed if renewer is not None else {}
 
     def record(new: Shard) -> None:
         row: dict[str, Any] = {"job": job, "provider": provider, "model": model, "endpoint": endpoint, "key": new.key}
         row.update(path=str(new.path), n_requests=new.n_requests, n_bytes=new.n_bytes, est_tokens=new.est_tokens)
-        store.move_requests_to_shard(sorted(new.ids), row)
+        fresh = {cid: renamed.pop(cid) for cid in sorted(new.ids) if cid in renamed}
+        moved = sorted(new.ids - fresh.keys())
+        store.move_requests_to_shard(moved, row, renewed=fresh, max_tokens=report.max_tokens)
         report.shards.append(str(new.path))
 
     directory = store.state_dir / "shards" / safe_name(job)
@@ -80,13 +111,16 @@ def requeue_for_retry(
     reasons: Iterable[str] = RETRYABLE,
     max_attempts: int | None = None,
     job: str | None = None,
+    max_tokens: int | None = None,
 ) -> RetryReport:
-    """Put the requests in these states into new queued shards; nothing is sent here."""
+    """Put the requests in these states into new queued shards (truncated ones renewed with max_tokens, if
+    given); nothing is sent here."""
     reasons = [str(r) for r in reasons]
     unknown = sorted(set(reasons) - {str(s) for s in RETRYABLE})
     if unknown:
         raise UsageError(f"--only {unknown[0]}: not a retry reason; use any of {', '.join(str(s) for s in RETRYABLE)}")
-    report = RetryReport(reasons=reasons)
+    report = RetryReport(reasons=reasons, max_tokens=max_tokens)
+    renewer = Renewer(adapters, max_tokens, store.known_ids) if max_tokens is not None else None
     # Only the selected requests are held; the shard files themselves are streamed line by line.
     wanted = _selected(store, reasons, max_attempts, job, report)
     old: dict[int, ShardRow] = {}
@@ -111,16 +145,24 @@ def requeue_for_retry(
         if group not in writers:
             provider = adapters.get(source.provider)
             cap = min(caps[group], provider.max_requests)
-            writers[group] = _writer(store, source, cap, provider.max_bytes, report)
-        _copy_lines(Path(source.path), rows, writers[group], report)
+            writers[group] = _writer(store, source, cap, provider.max_bytes, report, renewer)
+        _copy_lines(Path(source.path), rows, writers[group], report, renewer, source.provider)
         report.unreadable.extend(sorted(rows))  # whatever the file did not hold
     for writer in writers.values():
         writer.close()
     return report
 
 
-def _copy_lines(path: Path, rows: dict[str, dict[str, Any]], writer: ShardWriter, report: RetryReport) -> None:
-    """Stream one shard file, handing the lines of `rows` to the writer (found ones are popped)."""
+def _copy_lines(
+    path: Path,
+    rows: dict[str, dict[str, Any]],
+    writer: ShardWriter,
+    report: RetryReport,
+    renewer: Renewer | None = None,
+    provider: str = "",
+) -> None:
+    """Stream one shard file, handing the lines of `rows` to the writer (found ones are popped); a truncated
+    request is renewed (new line, new custom_id) when the renewer says so."""
     try:
         fh = path.open("rb")
     except OSError:
@@ -132,13 +174,19 @@ def _copy_lines(path: Path, rows: dict[str, dict[str, Any]], writer: ShardWriter
             if not raw.strip():
                 continue
             try:
-                custom_id = line_id(json.loads(raw))
+                line = json.loads(raw)
+                custom_id = line_id(line)
             except ValueError:
                 continue
             row = rows.pop(custom_id, None) if custom_id is not None else None
             if row is None or custom_id is None:
                 continue
-            writer.add(raw if raw.endswith(b"\n") else raw + b"\n", custom_id, int(row["est_input_tokens"] or 0))
+            renewed = None
+            if renewer is not None and row["state"] == RequestState.TRUNCATED:
+                renewed = renewer.renew(provider, line)
+            new_id, new_line = renewed or (custom_id, raw if raw.endswith(b"\n") else raw + b"\n")
+            writer.add(new_line, new_id, int(row["est_input_tokens"] or 0))
+            report.renewed += renewed is not None
             state = str(row["state"])
             report.selected[state] = report.selected.get(state, 0) + 1
             report.requests += 1
@@ -153,8 +201,9 @@ def retry(
     window: Window | Mapping[str, Window] | None = None,
     force: bool = False,
     sleep: poll.Sleep = time.sleep,
+    max_tokens: int | None = None,
 ) -> RetryReport:
     """Resubmit, in new batches, the requests with no good answer (requests with one are never touched)."""
-    report = requeue_for_retry(store, adapters, reasons, max_attempts, job)
+    report = requeue_for_retry(store, adapters, reasons, max_attempts, job, max_tokens)
     report.feed = feed(store, adapters, window, force=force, sleep=sleep)
     return report

@@ -96,61 +96,56 @@ def batch_rows(store: Store, job: str | None = None, now: float | None = None) -
     return rows
 
 
+_COUNTS = ("requests", "done", "failed", "in_flight", "queued", "superseded", "final", "n_cost", "open", "n_committed")
+_COUNTED_AS: dict[str, str] = {
+    RequestState.SUCCEEDED: "done",
+    RequestState.SUBMITTED: "in_flight",
+    RequestState.PENDING: "queued",
+}
+
+
 def job_summaries(store: Store, job: str | None = None) -> dict[str, dict[str, Any]]:
-    """Per job: requests done / failed / in flight / queued, and the money spent and still committed."""
+    """Per job: current requests (what the dataset holds: one per file) done / failed / in flight / queued; the
+    superseded ones apart (replaced by newer requests for their files: a changed file, retry --max-tokens); the
+    money spent and still committed (all of it)."""
     sums: dict[str, dict[str, Any]] = {}
-    for name, state, n, cost, n_cost, committed, n_committed in store.job_state_sums(job):
-        s = sums.setdefault(
-            name,
-            {
-                "requests": 0,
-                "done": 0,
-                "failed": 0,
-                "in_flight": 0,
-                "queued": 0,
-                "cost": 0.0,
-                "n_cost": 0,
-                "final": 0,
-                "committed": 0.0,
-                "n_committed": 0,
-                "states": {},
-            },
-        )
-        s["requests"] += n
-        s["states"][state] = n
-        if state == RequestState.SUCCEEDED:
-            s["done"] += n
-        elif state in RETRYABLE:
-            s["failed"] += n
-        elif state == RequestState.SUBMITTED:
-            s["in_flight"] += n
-        elif state == RequestState.PENDING:
-            s["queued"] += n
+    for name, state, current, n, cost, n_cost, committed, n_committed in store.job_state_sums(job):
+        s = sums.setdefault(name, {**dict.fromkeys(_COUNTS, 0), "cost": 0.0, "committed": 0.0, "states": {}})
+        if current:
+            s["requests"] += n
+            s["states"][state] = n
+            key = _COUNTED_AS.get(state) or ("failed" if state in RETRYABLE else None)
+            if key:
+                s[key] += n
+        else:
+            s["superseded"] += n
         s["cost"] += cost or 0.0
-        if state in IN_FLIGHT:
+        if state in IN_FLIGHT:  # money is counted for every request, current or not
             s["committed"] += committed or 0.0
             s["n_committed"] += n_committed
+            s["open"] += n
         else:
             s["final"] += n
             s["n_cost"] += n_cost
     for name, *_, cost in store.superseded_sums(job):
         if name in sums:
             sums[name]["cost"] += cost  # paid answers asked again count too
-    out: dict[str, dict[str, Any]] = {}
-    for name in sorted(sums):
-        s = sums[name]
-        out[name] = {
-            "requests": s["requests"],
-            "done": s["done"],
-            "failed": s["failed"],
-            "in_flight": s["in_flight"],
-            "queued": s["queued"],
-            # None when an answered request has no price yet (unknown model, or not settled)
-            "cost_usd": money(s["cost"]) if s["n_cost"] >= s["final"] else None,
-            "committed_usd": money(s["committed"]) if s["n_committed"] >= s["in_flight"] + s["queued"] else None,
-            "states": dict(sorted(s["states"].items())),  # requests per ledger state
-        }
-    return out
+    return {name: _summary(sums[name]) for name in sorted(sums)}
+
+
+def _summary(s: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "requests": s["requests"],
+        "done": s["done"],
+        "failed": s["failed"],
+        "in_flight": s["in_flight"],
+        "queued": s["queued"],
+        "superseded": s["superseded"],  # old requests no file points at (their cost still counts)
+        # None when an answered request has no price yet (unknown model, or not settled)
+        "cost_usd": money(s["cost"]) if s["n_cost"] >= s["final"] else None,
+        "committed_usd": money(s["committed"]) if s["n_committed"] >= s["open"] else None,
+        "states": dict(sorted(s["states"].items())),  # current requests per ledger state
+    }
 
 
 def batch_figures(store: Store, batches: list[BatchRow], now: float | None = None) -> dict[str, dict[str, Any]]:

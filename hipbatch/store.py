@@ -13,7 +13,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,9 +244,17 @@ class Store:
                 )
         return moved
 
-    def move_requests_to_shard(self, custom_ids: Sequence[str], shard: dict[str, Any]) -> int:
+    def move_requests_to_shard(
+        self,
+        custom_ids: Sequence[str],
+        shard: dict[str, Any],
+        renewed: Mapping[str, str] | None = None,
+        max_tokens: int | None = None,
+    ) -> int:
         """Record a retry shard: the requests go back to pending in it, their attempt counted, any paid
-        answer they had kept in the superseded table."""
+        answer they had kept in the superseded table. `renewed` (new custom_id -> old) are new requests for the
+        old ones' files (retry --max-tokens): made pending in the shard, and the files point at them; the old
+        requests keep their answers and become superseded."""
         now = time.time()
         with self._db.atomic():
             self.supersede_answers(custom_ids)
@@ -260,6 +268,16 @@ class Store:
                     f"WHERE custom_id IN ({marks})",
                     [shard_id, RequestState.PENDING, now, *chunk],
                 )
+            for new_id, old_id in (renewed or {}).items():
+                self._db.execute(
+                    "INSERT OR IGNORE INTO requests (custom_id, job, file_name, provider, model, endpoint, state, "
+                    "shard_id, attempts, est_input_tokens, max_tokens, created_at, updated_at) SELECT ?, job, "
+                    "file_name, provider, model, endpoint, ?, ?, 0, est_input_tokens, coalesce(?, max_tokens), ?, ? "
+                    "FROM requests WHERE custom_id = ?",
+                    [new_id, RequestState.PENDING, shard_id, max_tokens, now, now, old_id],
+                )
+                # The files table's triggers mark the old request superseded (is_current = 0).
+                self._db.execute("UPDATE files SET custom_id = ? WHERE custom_id = ?", [new_id, old_id])
         return shard_id
 
     def request(self, custom_id: str) -> dict[str, Any] | None:
@@ -269,7 +287,7 @@ class Store:
         self, states: Iterable[str], job: str | None = None, max_attempts: int | None = None
     ) -> Iterator[dict[str, Any]]:
         states = list(states)
-        where = f"state IN ({','.join('?' * len(states))})"
+        where = f"state IN ({','.join('?' * len(states))}) AND is_current = 1"  # an old version is never resent
         args: list[Any] = list(states)
         if job:
             where += " AND job = ?"
@@ -281,7 +299,8 @@ class Store:
             where,
             args,
             order_by="shard_id, custom_id",
-            select="custom_id, shard_id, provider, model, endpoint, job, est_input_tokens, attempts, state",
+            select="custom_id, shard_id, provider, model, endpoint, job, file_name, est_input_tokens, max_tokens, "
+            "attempts, state",
         )
 
     def batch_request_ids(self, batch_id: str) -> set[str]:
@@ -447,18 +466,36 @@ class Store:
         yield from self._db.conn.execute(sql.format(job="AND f.job = ?" if job else ""), args)
 
     def request_counts(self, job: str | None = None) -> dict[str, int]:
-        sql = "SELECT state, count(*) FROM requests {} GROUP BY state"
+        """Current requests (those a file points at: what the dataset holds) per state."""
+        sql = "SELECT state, count(*) FROM requests WHERE is_current = 1 {} GROUP BY state"
         if job:
-            rows = self._db.execute(sql.format("WHERE job = ?"), [job]).fetchall()
+            rows = self._db.execute(sql.format("AND job = ?"), [job]).fetchall()
         else:
             rows = self._db.execute(sql.format("")).fetchall()
         return dict(rows)
 
+    def superseded_count(self, job: str | None = None) -> int:
+        """Old requests no file points at any more (a changed or removed file, a retry with new max_tokens)."""
+        sql = "SELECT count(*) FROM requests WHERE is_current = 0" + (" AND job = ?" if job else "")
+        return int(self._db.execute(sql, [job] if job else []).fetchone()[0])
+
+    def failed_files(self, job: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Files with no good answer (the `failures` view): job, file_name, reason, error; skipped files last."""
+        sql = (
+            "SELECT job, file_name, state || CASE WHEN error_code IS NOT NULL AND error_code != state "
+            "THEN ':' || error_code ELSE '' END AS reason, error_message AS error, custom_id FROM failures"
+            + (" WHERE job = ?" if job else "")
+            + " ORDER BY state = 'skipped', job, file_name"
+            + (" LIMIT ?" if limit is not None else "")
+        )
+        args: list[Any] = [*([job] if job else []), *([limit] if limit is not None else [])]
+        return [dict(r) for r in self._db.query(sql, args)]
+
     def failure_reasons(self, job: str | None = None) -> dict[str, int]:
         sql = (
             "SELECT state || CASE WHEN error_code IS NOT NULL AND error_code != state "
-            "THEN ':' || error_code ELSE '' END, count(*) FROM requests WHERE state NOT IN (?, ?, ?) {} "
-            "GROUP BY 1 ORDER BY 2 DESC"
+            "THEN ':' || error_code ELSE '' END, count(*) FROM requests WHERE state NOT IN (?, ?, ?) "
+            "AND is_current = 1 {} GROUP BY 1 ORDER BY 2 DESC"
         )
         args = [RequestState.SUCCEEDED, RequestState.PENDING, RequestState.SUBMITTED]
         if job:
@@ -815,16 +852,17 @@ class Store:
 
     # ---- status and report aggregates -------------------------------------------------------------
 
-    def job_state_sums(self, job: str | None = None) -> list[tuple[str, str, int, float, int, float, int]]:
-        """Per (job, state): requests, total cost, requests with a cost, total worst case, requests with one.
-        A GROUP BY over the covering index (job, state, cost_usd, est_cost_usd): no table reads."""
+    def job_state_sums(self, job: str | None = None) -> list[tuple[str, str, bool, int, float, int, float, int]]:
+        """Per (job, state, current or superseded): requests, total cost, requests with a cost, total worst case,
+        requests with one. A GROUP BY over the covering index (job, state, is_current, cost_usd, est_cost_usd):
+        no table reads."""
         where, args = ("WHERE job = ?", [job]) if job else ("", [])
         rows = self._db.execute(
-            "SELECT job, state, count(*), total(cost_usd), count(cost_usd), total(est_cost_usd), "
-            f"count(est_cost_usd) FROM requests {where} GROUP BY job, state",
+            "SELECT job, state, is_current, count(*), total(cost_usd), count(cost_usd), total(est_cost_usd), "
+            f"count(est_cost_usd) FROM requests {where} GROUP BY job, state, is_current",
             args,
         ).fetchall()
-        return [(j, s, int(n), float(c), int(nc), float(e), int(ne)) for j, s, n, c, nc, e, ne in rows]
+        return [(j, s, bool(c), int(n), float(t), int(nc), float(e), int(ne)) for j, s, c, n, t, nc, e, ne in rows]
 
     def batch_failure_counts(self) -> list[tuple[str, str, str | None, int]]:
         """(batch id, state, error code, requests) of the failed requests of every batch (index-only over
@@ -849,7 +887,7 @@ class Store:
         rows = self._db.execute(
             "SELECT state || CASE WHEN error_code IS NOT NULL AND error_code != state THEN ':' || error_code "
             "ELSE '' END, count(*), max(error_message) FROM requests WHERE job = ? AND state NOT IN (?, ?, ?) "
-            "GROUP BY 1 ORDER BY 2 DESC",
+            "AND is_current = 1 GROUP BY 1 ORDER BY 2 DESC",
             [job, RequestState.SUCCEEDED, *_IN_FLIGHT],
         ).fetchall()
         return [(r, int(n), m) for r, n, m in rows]

@@ -11,6 +11,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import typer
@@ -25,9 +26,10 @@ if TYPE_CHECKING:
     from hipbatch.collect import CollectReport
     from hipbatch.cost import Estimate, Ledger
     from hipbatch.live import LiveReport
-    from hipbatch.ops import DemoResult
+    from hipbatch.ops import CancelPlan, DemoResult, StatusResult
     from hipbatch.poll import Round
     from hipbatch.prepare import PrepareReport
+    from hipbatch.report import ReportSummary
     from hipbatch.retry import RetryReport
     from hipbatch.submit import FeedReport
 
@@ -38,6 +40,12 @@ TABLE_ROWS = 20  # batches listed by default; running and uncollected ones are a
 def plain(text: object) -> str:
     """Text safe for a terminal: no control characters (escape sequences, bidi overrides); newlines kept."""
     return _CONTROL.sub("?", str(text))
+
+
+def one_line(text: object, limit: int | None = None) -> str:
+    """Text as one line (runs of whitespace, newlines included, become one space), cut to `limit` with an ellipsis."""
+    line = " ".join(plain(text).split())
+    return line if limit is None or len(line) <= limit else line[: max(limit - 1, 0)] + "…"
 
 
 def err(message: str) -> None:
@@ -68,6 +76,10 @@ class Out:
 
     def progress(self) -> Progress:
         return default_progress(quiet=self.quiet)
+
+    def retrying(self, attempt: int, attempts: int, pause: float, error: BaseException) -> None:
+        """A call that keeps failing transiently, told once its retries have waited a few seconds."""
+        err(f"Still trying: {one_line(error)} (attempt {attempt} of {attempts} failed; next try in {pause:.1f}s)")
 
     # ---- submit --------------------------------------------------------------------------------
 
@@ -153,11 +165,25 @@ class Out:
         err(
             f"succeeded {summary['succeeded']}, failed {summary['failed']}, pending {summary['pending']}"
             + (f", skipped files {summary['skipped_files']}" if summary["skipped_files"] else "")
+            + (
+                f"; superseded {summary['superseded']} (replaced by newer requests for their files; paid, not in "
+                "the dataset)"
+                if summary.get("superseded")
+                else ""
+            )
         )
         for reason, n in summary["failed_by_reason"].items():
             err(f"  {reason}: {n}")
         self._kept(summary)
         if summary["failed"]:
+            names = summary.get("failed_files") or []
+            more = summary["failed"] - len(names)
+            err(
+                "Failed files: "
+                + ", ".join(names)
+                + (f" and {more} more (all of them, with the reasons:" if more > 0 else " (the reasons:")
+                + " `hipbatch status --failed`)"
+            )
             err("Resend the failed ones with `hipbatch retry`.")
         if spent is not None and spent["cost_usd"] is not None:
             err(
@@ -178,11 +204,16 @@ class Out:
 
     # ---- retry and cancel ----------------------------------------------------------------------
 
-    def retried(self, report: RetryReport, max_attempts: int | None) -> None:
+    def retried(self, report: RetryReport, max_attempts: int | None, state_dir: Path | None = None) -> None:
         fed = report.feed
         if not self.quiet:
             picked = ", ".join(f"{k} {v}" for k, v in sorted(report.selected.items())) or "none"
             err(f"Requests to send again: {report.requests} ({picked}) in {len(report.shards)} new shard(s).")
+            if report.renewed:
+                err(
+                    f"  {report.renewed} truncated request(s) sent as new requests with max_tokens "
+                    f"{report.max_tokens} (new custom_ids; the old answers stay in the ledger as superseded)"
+                )
             if report.skipped_max_attempts:
                 err(
                     f"Skipped {report.skipped_max_attempts} request(s) already sent {max_attempts} times "
@@ -196,6 +227,11 @@ class Out:
                 err(f"{fed.queued} shard(s) wait in the local queue for capacity; `hipbatch collect` feeds them.")
             for line in fed.blocked if fed is not None else []:
                 err(f"Warning: {line}")
+        if report.unreadable:
+            err(
+                f"Warning: {len(report.unreadable)} request(s) could not be resent: their line is missing from "
+                f"the shard files under {state_dir or 'the state dir'}/shards (first: {report.unreadable[0]})"
+            )
 
     def cancelled(self, report: CancelReport) -> None:
         if not self.quiet:
@@ -222,7 +258,26 @@ class Out:
         for line in report.errors:
             err(f"Warning: {line}")
 
+    def reported(self, done: ReportSummary) -> None:
+        from hipbatch.cost import usd
+
+        err(
+            f"Wrote {done.output} ({done.bytes:,} bytes): cost {usd(done.cost_usd)}, live equivalent "
+            f"{usd(done.live_equivalent_usd)}. Open it in any browser; it needs no network."
+        )
+
     # ---- run -----------------------------------------------------------------------------------
+
+    def run_ended(self, summary: dict[str, Any]) -> int:
+        """How `run` ended, for people; returns the exit code (1 fatal, 130 interrupted, else 0)."""
+        if summary["fatal"]:
+            err(f"Error: {summary['fatal']}")
+            err("Stopped sending: every other request would fail the same way. Fix it and run again.")
+            return 1
+        if summary["interrupted"]:
+            err("Interrupted. Every answer received is recorded; run the same command again to continue.")
+            return 130
+        return 0
 
     def ran(self, report: LiveReport, output_file: str, records: int) -> None:
         if self.quiet:
@@ -252,6 +307,32 @@ class Out:
         err(f"Wrote {records} records to {output_file}")
         if report.left and not report.interrupted and not report.fatal:
             err("Not answered yet: run again, or send them in a batch with `hipbatch submit`.")
+
+
+def cancel_question(plan: CancelPlan) -> str:
+    queued = f" and {plan.queued_shards} shard(s) not sent yet" if plan.queued_shards else ""
+    return f"Cancel {len(plan.batches)} unfinished batch(es){queued}?"
+
+
+def cancel_confirmed(plan: CancelPlan, json_out: bool, asks: bool) -> bool:
+    """Before a bare `cancel`: show what it stops and ask (only on a terminal: a script must pass --yes)."""
+    if plan.empty:
+        err("Nothing to cancel: no unfinished batch and nothing queued.")
+        if json_out:
+            print_json({"cancelled": [], "already_final": [], "errors": []})
+        return False
+    for batch_id, provider, state, job_name in plan.batches:
+        err(f"  {batch_id}  {provider}  {state}  job {job_name}")
+    if not asks:
+        err(
+            f"Error: {cancel_question(plan)} No terminal to ask on, so nothing was cancelled: pass --yes to "
+            "cancel without a prompt."
+        )
+        return False
+    if not typer.confirm(cancel_question(plan), err=True):
+        err("Nothing cancelled.")
+        return False
+    return True
 
 
 def estimate_lines(est: Estimate) -> list[str]:
@@ -316,34 +397,35 @@ def summary_line(job: str, s: dict[str, Any]) -> str:
     committed = ""
     if s["in_flight"] or s["queued"]:
         committed = f", up to {usd(s['committed_usd'])} committed in flight" if s["committed_usd"] is not None else ""
+    superseded = f" (and {s['superseded']} superseded by newer ones)" if s.get("superseded") else ""
     return (
-        f"{job}: {s['requests']} requests: {s['done']} done, {s['failed']} failed, {s['in_flight']} in "
+        f"{job}: {s['requests']} requests{superseded}: {s['done']} done, {s['failed']} failed, {s['in_flight']} in "
         f"flight, {s['queued']} queued; cost so far {spent}{committed}"
     )
 
 
-def status_renderable(rows: list[dict[str, Any]], queued_shards: int, show_all: bool = False) -> RenderableType:
-    """The per-job summary lines, the batch table and the request counts of `hipbatch status`."""
+TOP_ERROR_WIDTH = 60  # the top error cell of the table when the width is not known (one line, ellipsised)
+TOP_ERROR_MIN = 24  # a table leaving less room than this for the top error is stacked instead
+
+
+def status_renderable(
+    rows: list[dict[str, Any]], queued_shards: int, show_all: bool = False, width: int | None = None
+) -> RenderableType:
+    """The per-job summary lines, the batches (a table when it fits `width`, else a few lines per batch: a batch
+    id is never cut) and the request counts of `hipbatch status`."""
     from rich.console import Group
-    from rich.table import Table
 
     if not rows:
         return _text("No batches yet. Send some with `hipbatch submit DIR`.")
     summaries = {r["job"]: r.get("job_summary") for r in rows}
     lines: list[Any] = [_text(summary_line(name, s)) for name, s in summaries.items() if s]
-    table = Table(
-        "job", "batch id", "provider", "model", "status", "done / failed / total", "created", "age", "expires in",
-        "top error",
-    )  # fmt: skip
     hidden = 0
     if not show_all and len(rows) > TABLE_ROWS:
         done = [i for i, r in enumerate(rows) if r["is_final"] and r["collected"]]
         keep = max(TABLE_ROWS - (len(rows) - len(done)), 5)
         drop = set(done[:-keep])
         hidden, rows = len(drop), [r for i, r in enumerate(rows) if i not in drop]
-    for r in rows:
-        table.add_row(*(_text(cell) for cell in _status_cells(r)))
-    lines.append(table)
+    lines += _batch_table(rows, width) or _batch_stack(rows)
     if hidden:
         lines.append(
             _text(
@@ -351,18 +433,72 @@ def status_renderable(rows: list[dict[str, Any]], queued_shards: int, show_all: 
                 "them; `--json` always has every batch)"
             )
         )
-    counts: dict[str, int] = {}  # per state, from the job summaries already computed (no second scan)
+    lines.append(_text(request_counts_line(summaries, queued_shards)))
+    return Group(*lines)
+
+
+def request_counts_line(summaries: dict[str, Any], queued_shards: int) -> str:
+    """The requests per ledger state under the table, from the job summaries already computed (no second scan)."""
+    counts: dict[str, int] = {}
+    superseded = 0
     for summary in summaries.values():
         for state, n in (summary or {}).get("states", {}).items():
             counts[state] = counts.get(state, 0) + n
-    lines.append(
-        _text(
-            "requests: "
-            + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-            + (f"; {queued_shards} shard(s) queued locally" if queued_shards else "")
-        )
+        superseded += (summary or {}).get("superseded", 0)
+    return (
+        "requests: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+        + (f"; superseded {superseded} (replaced by newer requests for their files)" if superseded else "")
+        + (f"; {queued_shards} shard(s) queued locally" if queued_shards else "")
     )
-    return Group(*lines)
+
+
+_HEADERS = ("job", "batch id", "provider", "model", "status", "done / failed / total", "created", "age", "expires in",
+            "top error")  # fmt: skip
+
+
+def _batch_table(rows: list[dict[str, Any]], width: int | None = None) -> list[Any] | None:
+    """One line per batch: every column, or without `created` and with provider and model in one column when
+    that fits `width`; None when even that does not fit. The id never shrinks; the top error takes the room
+    left (one line, ellipsised)."""
+    from rich.table import Table
+
+    cells = [dict(zip(_HEADERS, _status_cells(r), strict=True)) for r in rows]
+    headers = list(_HEADERS)
+    for narrower in (False, True):
+        if narrower:
+            headers.remove("created")
+            headers[headers.index("provider") : headers.index("model") + 1] = ["provider / model"]
+            for c in cells:
+                c["provider / model"] = f"{c['provider']} / {c['model']}"
+        natural = sum(max([len(h), *(len(plain(c[h])) for c in cells)]) + 3 for h in headers[:-1]) + 4
+        if width is not None and natural + TOP_ERROR_MIN > width:
+            continue
+        table = Table(*headers)
+        for column in table.columns:
+            column.no_wrap, column.overflow = True, "ellipsis"
+        table.columns[1].min_width = max(len(plain(c["batch id"])) for c in cells)  # the id, whole
+        table.columns[-1].max_width = TOP_ERROR_WIDTH if width is None else width - natural
+        for c in cells:
+            table.add_row(*(_text(c[h]) for h in headers))
+        return [table]
+    return None
+
+
+def _batch_stack(rows: list[dict[str, Any]]) -> list[Any]:
+    """Narrow terminals: each batch on up to three lines; the first holds the whole id (folded only if the
+    terminal is narrower than the id itself), the others are cut with an ellipsis."""
+    from rich.text import Text
+
+    out: list[Any] = [Text("batch id  status  done / failed / total  age", style="bold")]
+    for r in rows:
+        job, batch_id, provider, model, status, counts, created, age, expires, top = _status_cells(r)
+        out.append(Text(plain(f"{batch_id}  {status}  {counts}  {age}"), overflow="fold"))
+        detail = f"  job {job} · {provider} / {model} · expires in {expires} · created {created}"
+        out.append(Text(plain(detail), no_wrap=True, overflow="ellipsis"))
+        if top:
+            out.append(Text(plain(f"  top error: {top}"), no_wrap=True, overflow="ellipsis"))
+    return out
 
 
 def _status_cells(r: dict[str, Any]) -> list[str]:
@@ -374,11 +510,29 @@ def _status_cells(r: dict[str, Any]) -> list[str]:
     expires = r.get("expires_in_seconds")
     expires_text = "-" if expires is None else ("overdue" if expires <= 0 else fmt_age(expires))
     top = r.get("top_error")
-    top_text = f"{top['reason']} ({top['count']}): {top['message'] or ''}"[:90] if top else ""
+    top_text = one_line(f"{top['reason']} ({top['count']}): {top['message'] or ''}", 200) if top else ""
     return [
         r["job"], r["batch_id"], r["provider"], r["model"], r["status"], counts, created,
         fmt_age(r["age_seconds"]), expires_text, top_text,
     ]  # fmt: skip
+
+
+def failed_table(rows: list[dict[str, Any]], out: Console | None = None) -> None:
+    """`status --failed`: every file whose request has no good answer, with its state and error (one line)."""
+    from rich.table import Table
+
+    out = out or console()
+    if not rows:
+        out.print(_text("No failed files: every file has a good answer or is still in flight."))
+        return
+    table = Table("job", "file", "state", "error")
+    table.columns[1].overflow = "fold"
+    table.columns[3].no_wrap = True
+    table.columns[3].overflow = "ellipsis"
+    for r in rows:
+        table.add_row(*(_text(c) for c in (r["job"], r["file_name"], r["reason"], one_line(r["error"] or "", 300))))
+    out.print(table)
+    err(f"{len(rows)} file(s) with no good answer; `hipbatch retry` sends them again.")
 
 
 class StatusLive:
@@ -429,6 +583,14 @@ def cost_table(led: Ledger, out: Console | None = None) -> None:
     )
 
 
+def demo_status(result: StatusResult) -> None:
+    console().print(status_renderable(result.rows, result.queued_shards, width=console().width))
+
+
+def demo_cost(led: Ledger) -> None:
+    cost_table(led, console(stderr=True))
+
+
 def demo_end(done: DemoResult) -> None:
     """The end of `hipbatch demo`: the report, the ledger against the server's bill, a few records, what next."""
     from hipbatch.cost import usd
@@ -449,4 +611,21 @@ def demo_end(done: DemoResult) -> None:
     err(
         "\nNext: point OPENAI_API_KEY (or ANTHROPIC_API_KEY) at a real account and run "
         "`hipbatch submit DIR` then `hipbatch collect --wait`."
+    )
+
+
+def templates(found: list[tuple[str, str]]) -> None:
+    """`hipbatch templates`: one line per built-in template (on stdout)."""
+    width = max((len(name) for name, _ in found), default=0)
+    for name, description in found:
+        typer.echo(plain(f"{name.ljust(width)}  {description}".rstrip()))
+
+
+def initialised(dest: Path, written: list[Path]) -> None:
+    """`hipbatch init`: what was written, and what to do next."""
+    for path in written:
+        err(f"Wrote {path}")
+    err(
+        f"Next: edit the templates, then `hipbatch submit DIR --template-dir {dest}`; for settings, move "
+        f"{dest}/hipbatch.toml to the folder you run hipbatch from, or pass --config {dest}/hipbatch.toml."
     )

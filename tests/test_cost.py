@@ -314,6 +314,7 @@ def test_status_summary_expiry_and_top_error(openai_env: LocalBatchServer, tmp_p
         "failed": 0,
         "in_flight": 5,
         "queued": 0,
+        "superseded": 0,
         "cost_usd": 0.0,
         "committed_usd": row["job_summary"]["committed_usd"],
         "states": {"submitted": 5},

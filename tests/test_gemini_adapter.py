@@ -256,9 +256,12 @@ def test_model_check_tolerates_a_server_without_the_route(
 ) -> None:
     with pytest.raises(UsageError, match="--model unknown-x: the provider does not know this model"):
         adapter.check_model("unknown-x")
+    server.config.models_route = False  # the model route is missing, the batch routes are there
+    assert "cannot be checked here" in str(adapter.check_model("unknown-x"))
     gateway = Adapter(ProviderSettings(name="gemini", key_env="GEMINI_API_KEY", base_url=server.url + "/gateway"))
-    gateway.check_model("unknown-x")  # 404 for the route, not for the model: nothing known, no error
-    assert server.stats.hits["unknown"] == 1
+    with pytest.raises(UsageError, match="no gemini batch API at"):  # no batch routes either: a wrong base URL
+        gateway.check_model("unknown-x")
+    assert server.stats.hits["unknown"] == 2
 
 
 def test_keys_come_from_the_environment_google_api_key_first(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,7 +30,8 @@ def test_an_empty_store_migrates_to_the_current_schema(tmp_path: Path) -> None:
     assert {"id", "shard_id", "status", "is_final", "collected", "adopted"} <= set(db.table("batches").columns_dict)
     assert db.table("superseded").columns_dict["cost_usd"] is float
     indexes = {tuple(i.columns) for i in db.table("requests").indexes}
-    assert ("job", "state", "cost_usd", "est_cost_usd") in indexes and ("state", "batch_id", "error_code") in indexes
+    assert ("job", "state", "is_current", "cost_usd", "est_cost_usd") in indexes  # m005 replaced m002's
+    assert ("state", "batch_id", "error_code") in indexes
 
 
 def test_opening_again_applies_nothing(tmp_path: Path) -> None:

@@ -81,6 +81,7 @@ class EmulatorConfig:
     download_fault_times: int | None = None  # downloads of each target that misbehave before it heals; None: all
     download_fault_fraction: float = 1.0  # share of batches (by seed and creation order) the fault hits
     auth_after: int | None = None  # API calls served before every call answers 401; None: keys stay valid
+    models_route: bool = True  # False: GET /v1/models/{id} is a 404 "no such route", as on many compatible servers
     max_body_bytes: int = MAX_BODY_BYTES  # in-process only: larger request bodies get 413 before being read
 
     def __post_init__(self) -> None:

@@ -602,6 +602,8 @@ class GeminiBackend:
     def get_model(self, call: Call) -> Reply:
         """GET /v1beta/models/{model}."""
         model = call.params[0].removeprefix("models/")
+        if not self.core.config.models_route:  # a gateway that does not pass this route on
+            raise GoogleError(404, "Method not found.")
         if is_unknown_model(model):
             raise self._unknown_model(model)
         return json_reply(

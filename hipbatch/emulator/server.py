@@ -705,6 +705,10 @@ class LocalBatchServer:
 
     def _model(self, call: Call) -> Reply:
         name = call.params[0]
+        if not self.config.models_route:  # the answer of a server that has no such route (OpenAI's own words)
+            if call.provider == "anthropic":
+                raise ApiError(404, "Not Found", type="not_found_error")
+            raise ApiError(404, f"Invalid URL (GET /v1/models/{name})", type="invalid_request_error")
         if is_unknown_model(name):
             if call.provider == "anthropic":
                 raise ApiError(404, f"model: {name}", type="not_found_error")

@@ -13,7 +13,7 @@ if TYPE_CHECKING:  # the SDK takes ~1 s to import: only calls that reach the pro
     import anthropic
 
 from hipbatch.errors import ProviderError, TransientError
-from hipbatch.providers.base import AdapterBase, iter_jsonl, status_error
+from hipbatch.providers.base import AdapterBase, connection_error, iter_jsonl, status_error
 from hipbatch.records import BatchInfo, Outcome, Result
 
 FINISH = {"max_tokens": "length", "refusal": "refusal", "model_context_window_exceeded": "length"}
@@ -26,8 +26,8 @@ def translate(what: str) -> Iterator[None]:
 
     try:
         yield
-    except anthropic.APIConnectionError as e:
-        raise TransientError(f"{what}: {type(e).__name__}: {e}") from e
+    except anthropic.APIConnectionError as e:  # includes timeouts; a refused connection is Unreachable
+        raise connection_error(what, e) from e
     except anthropic.APIStatusError as e:
         raise status_error(what, e) from e
     except TypeError as e:  # the SDK resolves auth lazily and fails with a TypeError
@@ -53,9 +53,9 @@ class Adapter(AdapterBase):
 
         return anthropic.Anthropic(
             api_key=self.settings.api_key(),
-            base_url=self.settings.base_url or None,
+            base_url=self.settings.checked_base_url(),
             max_retries=0,
-            timeout=self.settings.timeout,
+            timeout=anthropic.Timeout(self.settings.timeout, connect=self.settings.connect_timeout),
         )
 
     translate = staticmethod(translate)
@@ -72,6 +72,12 @@ class Adapter(AdapterBase):
             body["system"] = [{"type": "text", "text": system, "cache_control": {"type": "ephemeral", "ttl": "1h"}}]
         body["messages"] = [{"role": "user", "content": user}]
         return {"custom_id": custom_id, "params": body}
+
+    def request_parts(self, line: dict[str, Any]) -> tuple[str, dict[str, Any], str, str]:
+        params = dict(line["params"])
+        model, messages = str(params.pop("model")), params.pop("messages")
+        system = "".join(str(block.get("text", "")) for block in params.pop("system", None) or [])
+        return model, params, system, str(messages[0]["content"])
 
     def upload(self, path: Path) -> str | None:
         return None  # requests travel inline in the create call
@@ -99,6 +105,9 @@ class Adapter(AdapterBase):
     def status(self, batch_id: str) -> BatchInfo:
         with translate(f"status of {batch_id}"):
             return _info(self.client.messages.batches.retrieve(batch_id))
+
+    def ping(self) -> None:
+        self.client.messages.batches.list(limit=1)
 
     def download(self, info: BatchInfo, dest: Path) -> int:
         lines = 0

@@ -188,8 +188,9 @@ class Adapter(AdapterBase):
         where = f"{self.settings.base_url} ({BASE_URL_ENV} or base_url)" if self.settings.base_url else ""
         return translate(what, where, key_env)
 
-    def check_model(self, model: str) -> None:
-        """UsageError if Gemini does not know the model; a server without the models route is tolerated."""
+    def check_model(self, model: str) -> str | None:
+        """UsageError if Gemini does not know the model; a server without the models route is warned about
+        (if its batch routes answer) and used."""
         try:
             with self._translate(f"model {model}"):
                 self.client.models.get(model=model)
@@ -198,9 +199,37 @@ class Adapter(AdapterBase):
             text = str(getattr(cause, "message", "") or e).lower()
             if e.status_code == 404 and f"models/{model}".lower() in text and "not found" in text:
                 raise UsageError(f"--model {model}: the provider does not know this model ({e})") from None
-            if e.status_code == 404:
-                return  # no such route (a proxy or gateway without it): nothing known against the model
-            raise
+            if e.status_code != 404:
+                raise
+            self.check_batch_route()  # no such route (a proxy or gateway without it): is the batch API there?
+            where = self.settings.where()
+            return (
+                f"{self.settings.name} at {where} has no model route: --model {model} cannot be checked here; going on"
+            )
+        return None
+
+    def ping(self) -> None:
+        """One cheap call to the batch API: list one job."""
+        next(iter(self.client.batches.list(config={"page_size": 1})), None)
+
+    def request_parts(self, line: dict[str, Any]) -> tuple[str, dict[str, Any], str, str]:
+        """(model, params, system, user) of one of our lines: to_line read backwards."""
+        request = line["request"]
+        model = str(request["model"]).removeprefix("models/")
+        system = "".join(p.get("text", "") for p in (request.get("systemInstruction") or {}).get("parts", []))
+        user = "".join(p.get("text", "") for c in request["contents"] for p in c.get("parts", []))
+        params: dict[str, Any] = {}
+        names = {rest: neutral for neutral, rest in FIELDS.items()}
+        for key, value in (request.get("generationConfig") or {}).items():
+            if key == "responseMimeType":
+                continue
+            if key == "responseJsonSchema":  # the json template's schema (its name is not sent to Gemini)
+                params["json_schema"] = {"name": "english_prompt", "schema": value}
+            elif key == "stopSequences":
+                params["stop"] = value
+            else:
+                params[names.get(key, key)] = value
+        return model, params, system, user
 
     # ---- batch lines ---------------------------------------------------------------------------------
 

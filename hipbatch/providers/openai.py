@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the SDK takes ~1 s to import: only calls that reach the provider load it
     import openai
 
-from hipbatch.errors import ProviderError, TransientError
-from hipbatch.providers.base import AdapterBase, status_error
+from hipbatch.errors import ProviderError
+from hipbatch.providers.base import AdapterBase, connection_error, status_error
 from hipbatch.records import BatchInfo, Outcome, Result
 
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -25,8 +25,8 @@ def translate(what: str) -> Iterator[None]:
 
     try:
         yield
-    except openai.APIConnectionError as e:  # includes timeouts
-        raise TransientError(f"{what}: {type(e).__name__}: {e}") from e
+    except openai.APIConnectionError as e:  # includes timeouts; a refused connection is Unreachable
+        raise connection_error(what, e) from e
     except openai.APIStatusError as e:
         raise status_error(what, e) from e
     except openai.OpenAIError as e:
@@ -49,9 +49,9 @@ class Adapter(AdapterBase):
         # max_retries=0: hipbatch's own tenacity policy owns every retry, so a create is never repeated blindly.
         return openai.OpenAI(
             api_key=self.settings.api_key(),
-            base_url=self.settings.base_url or None,
+            base_url=self.settings.checked_base_url(),
             max_retries=0,
-            timeout=self.settings.timeout,
+            timeout=openai.Timeout(self.settings.timeout, connect=self.settings.connect_timeout),
         )
 
     translate = staticmethod(translate)
@@ -72,6 +72,14 @@ class Adapter(AdapterBase):
                 continue
             body["max_completion_tokens" if key == "max_tokens" else key] = value
         return {"custom_id": custom_id, "method": "POST", "url": self.endpoint, "body": body}
+
+    def request_parts(self, line: dict[str, Any]) -> tuple[str, dict[str, Any], str, str]:
+        body = dict(line["body"])
+        model, messages = str(body.pop("model")), body.pop("messages")
+        system = next((str(m["content"]) for m in messages if m["role"] == "system"), "")
+        user = next((str(m["content"]) for m in messages if m["role"] == "user"), "")
+        params = {("max_tokens" if k == "max_completion_tokens" else k): v for k, v in body.items()}
+        return model, params, system, user
 
     def upload(self, path: Path) -> str | None:
         with translate(f"upload {path.name}"), path.open("rb") as fh:
@@ -102,6 +110,9 @@ class Adapter(AdapterBase):
     def status(self, batch_id: str) -> BatchInfo:
         with translate(f"status of {batch_id}"):
             return _info(self.client.batches.retrieve(batch_id))
+
+    def ping(self) -> None:
+        self.client.batches.list(limit=1)
 
     def download(self, info: BatchInfo, dest: Path) -> int:
         lines = 0
