@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from hipbatch.errors import MissingKey, ProviderError, TransientError, UsageError
+from hipbatch.errors import AuthFailed, MissingKey, ProviderError, ResultsGone, TransientError, UsageError
 from hipbatch.records import BatchInfo, Result
 
 
@@ -99,13 +99,30 @@ class AdapterBase:
     def translate(what: str) -> AbstractContextManager[None]:
         raise NotImplementedError  # each adapter maps its SDK's exceptions
 
+    @contextmanager
+    def guard(self, what: str, gone_on_404: bool = False) -> Iterator[None]:
+        """translate(what), naming this adapter's key variable in an AuthFailed; with gone_on_404 (a results
+        download of a finished batch), a 404 is ResultsGone: the provider no longer has them."""
+        try:
+            with self.translate(what):
+                yield
+        except AuthFailed as e:
+            e.key_env = self.settings.key_env
+            raise
+        except ProviderError as e:
+            if gone_on_404 and e.status_code == 404:
+                gone = ResultsGone(f"{e}: the provider no longer has these results")
+                gone.status_code = 404
+                raise gone from e
+            raise
+
     def check_key(self) -> None:
         self.settings.api_key()
 
     def check_model(self, model: str) -> None:
         """UsageError if the provider does not know the model (both SDKs have models.retrieve)."""
         try:
-            with self.translate(f"model {model}"):
+            with self.guard(f"model {model}"):
                 self.client.models.retrieve(model)
         except ProviderError as e:
             if e.status_code == 404:
@@ -114,7 +131,7 @@ class AdapterBase:
 
 
 def status_error(what: str, e: Any) -> ProviderError:
-    """An SDK's APIStatusError (both SDKs share its shape) -> TransientError or ProviderError."""
+    """An SDK's APIStatusError (both SDKs share its shape) -> TransientError, AuthFailed or ProviderError."""
     body = e.body
     inner = body.get("error", body) if isinstance(body, dict) else None
     message = str(inner["message"]) if isinstance(inner, dict) and inner.get("message") else str(e.message)
@@ -123,8 +140,8 @@ def status_error(what: str, e: Any) -> ProviderError:
     if status in (408, 409, 429) or status >= 500:
         err = TransientError(f"{what}: HTTP {status}: {message}")
         err.retry_after = retry_after_of(e.response.headers)
-    elif status == 401:
-        err = ProviderError(f"{what}: the provider rejected the API key (HTTP 401): {message}")
+    elif status in (401, 403):
+        return AuthFailed(what, status, message)
     else:
         err = ProviderError(f"{what}: HTTP {status}: {message}")
     err.status_code = status
@@ -141,6 +158,14 @@ def retry_after_of(headers: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return None
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP library's errors that the SDKs let through while a body streams (a cut download is an
+    httpx2.RemoteProtocolError, not an SDK error): worth retrying."""
+    import httpx2
+
+    return (httpx2.RequestError, httpx2.StreamError)
 
 
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:
