@@ -14,7 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from hipbatch import __version__, ops, views
-from hipbatch.errors import HipbatchError
+from hipbatch.errors import HipbatchError, disk_error
 from hipbatch.views import Out, err, print_json
 
 app = typer.Typer(
@@ -77,9 +77,12 @@ def reports_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except HipbatchError as e:
-            err(f"Error: {e}")
-            raise typer.Exit(e.exit_code) from None
+        except (HipbatchError, OSError) as e:  # an OSError of a full or read-only disk is one line too
+            problem = e if isinstance(e, HipbatchError) else disk_error(e)
+            if problem is None:
+                raise
+            err(f"Error: {problem}")
+            raise typer.Exit(problem.exit_code) from None
         except KeyboardInterrupt:
             err("Interrupted. Everything done so far is recorded; run the same command again to continue.")
             raise typer.Exit(130) from None
@@ -268,10 +271,10 @@ def cost_command(
 
     Example: hipbatch cost --job kernels --json
     """
-    led = ops.cost_ledger(ctx.obj, job, Out(quiet=json_out))
+    led = ops.cost_ledger(ctx.obj, job, Out(quiet=json_out))  # None: no store in the state dir (it said so)
     if json_out:
-        print_json(led.as_json())
-    else:
+        print_json(led.as_json() if led else {"rows": [], "total": None})
+    elif led is not None:
         views.cost_table(led)
 
 
@@ -310,10 +313,13 @@ def retry(
         typer.Option(
             "--only",
             metavar="REASON",
-            help="Only requests in this state: failed, expired, canceled, "
-            "extraction_failed, truncated or missing; repeat for several (default: all of them).",
+            help="Only requests in this state: failed, expired, canceled, extraction_failed, truncated or "
+            "missing; repeat for several (default: all but missing, which needs --yes).",
         ),
     ] = None,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="With --only missing: resend requests whose results the provider lost.")
+    ] = False,
     max_attempts: Annotated[int | None, typer.Option(min=1, help="Skip requests already sent this many times.")] = None,
     job: Annotated[str | None, typer.Option(help="Only this job's requests.")] = None,
     force: Annotated[
@@ -326,17 +332,12 @@ def retry(
 
     Example: hipbatch retry --only expired --only failed --max-attempts 3
     """
-    reasons = tuple(r.value for r in (only or list(RetryReason)))
+    reasons = tuple(r.value for r in only) if only else ops.RetryOptions().reasons
     out = Out(quiet=json_out)
-    result = ops.retry(ctx.obj, ops.RetryOptions(reasons, max_attempts, job, force), out)
+    result = ops.retry(ctx.obj, ops.RetryOptions(reasons, max_attempts, job, force, yes), out)
     if json_out:
         print_json(asdict(result))
-    out.retried(result, max_attempts)
-    if result.unreadable:
-        err(
-            f"Warning: {len(result.unreadable)} request(s) could not be resent: their line is missing from "
-            f"the shard files under {ctx.obj.state_dir}/shards (first: {result.unreadable[0]})"
-        )
+    out.retried(result, max_attempts, ctx.obj.state_dir)
     if result.feed is not None and ops.unsent({"feed": asdict(result.feed)}):
         raise typer.Exit(1)
 

@@ -83,7 +83,9 @@ class StoreError(HipbatchError):
 
 
 class NoState(StoreError):
-    """A command that only reads found no hipbatch store in the state dir."""
+    """A command that only reads found no hipbatch store in the state dir (exit code 2 where it is an error)."""
+
+    exit_code = 2
 
 
 class AmbiguousSubmit(HipbatchError):

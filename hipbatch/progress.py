@@ -56,7 +56,7 @@ class RichProgress:
                 return Text(f"{task.speed or 0:,.0f}/s")
 
         columns = [
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),  # descriptions hold batch ids and names from outside
             BarColumn(),
             MofNCompleteColumn(),
             TaskProgressColumn(),

@@ -20,7 +20,7 @@ from hipbatch.errors import UsageError
 from hipbatch.pack import Shard, ShardWriter, safe_name, shard_prefix
 from hipbatch.providers.registry import Adapters
 from hipbatch.queue import Window
-from hipbatch.records import RETRYABLE, ShardRow
+from hipbatch.records import RETRY_DEFAULT, RETRYABLE, RequestState, ShardRow
 from hipbatch.store import Store
 from hipbatch.submit import FeedReport, feed
 
@@ -39,6 +39,7 @@ class RetryReport:
     unreadable: list[str] = field(default_factory=list)  # requests whose original line could not be found
     shards: list[str] = field(default_factory=list)
     feed: FeedReport | None = None
+    missing_left: int = 0  # `missing` requests not resent (not asked for with --only missing --yes)
 
 
 def _group(shard: ShardRow) -> Group:
@@ -76,7 +77,7 @@ def _selected(
 def requeue_for_retry(
     store: Store,
     adapters: Adapters,
-    reasons: Iterable[str] = RETRYABLE,
+    reasons: Iterable[str] = RETRY_DEFAULT,
     max_attempts: int | None = None,
     job: str | None = None,
 ) -> RetryReport:
@@ -86,6 +87,8 @@ def requeue_for_retry(
     if unknown:
         raise UsageError(f"--only {unknown[0]}: not a retry reason; use any of {', '.join(str(s) for s in RETRYABLE)}")
     report = RetryReport(reasons=reasons)
+    if RequestState.MISSING not in reasons:
+        report.missing_left = store.request_counts(job).get(RequestState.MISSING, 0)
     # Only the selected requests are held; the shard files themselves are streamed line by line.
     wanted = _selected(store, reasons, max_attempts, job, report)
     old: dict[int, ShardRow] = {}
@@ -146,7 +149,7 @@ def _copy_lines(path: Path, rows: dict[str, dict[str, Any]], writer: ShardWriter
 def retry(
     store: Store,
     adapters: Adapters,
-    reasons: Iterable[str] = RETRYABLE,
+    reasons: Iterable[str] = RETRY_DEFAULT,
     max_attempts: int | None = None,
     job: str | None = None,
     window: Window | Mapping[str, Window] | None = None,
