@@ -306,7 +306,8 @@ def _download_checked(
                 os.replace(part, dest)
                 return ids, refetches
     except TransientError as e:
-        raise UnreadableResults(f"{e} (after {tries} tr{'y' if tries == 1 else 'ies'})") from e
+        named = str(e) if info.id in str(e) else f"batch {info.id}: {e}"
+        raise UnreadableResults(f"{named} (after {tries} tr{'y' if tries == 1 else 'ies'})") from e
     finally:
         part.unlink(missing_ok=True)
     raise AssertionError("unreachable")  # pragma: no cover

@@ -186,8 +186,8 @@ def _request_errors(store: Store) -> dict[str, dict[str, Any]]:
 
 def _batch_error(b: BatchRow) -> dict[str, Any] | None:
     if b.read_error and not b.collected:  # finished, results not readable yet: fetched again by `collect`
-        tries = f"{b.read_attempts} collect(s)"
-        return {"reason": f"results not read ({tries})", "count": b.total, "message": b.read_error}
+        why = b.read_error.removeprefix(f"batch {b.id}: ")
+        return {"reason": "results not read", "count": b.total, "message": f"{b.read_attempts} collect(s): {why}"}
     if not b.proven:
         return {
             "reason": "adopted by time and size",
