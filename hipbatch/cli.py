@@ -78,7 +78,8 @@ def reports_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except (HipbatchError, OSError) as e:  # an OSError of a full or read-only disk is one line too
-            problem = e if isinstance(e, HipbatchError) else disk_error(e)
+            state_dir = getattr(getattr(kwargs.get("ctx"), "obj", None), "state_dir", None)
+            problem = e if isinstance(e, HipbatchError) else disk_error(e, state_dir)
             if problem is None:
                 raise
             err(f"Error: {problem}")

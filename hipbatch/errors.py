@@ -104,11 +104,12 @@ class BudgetExceeded(HipbatchError):
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
 
 
-def disk_error(e: OSError) -> StoreError | None:
-    """The one-line error for an OSError of a full, read-only or failing disk; None for any other OSError."""
+def disk_error(e: OSError, state_dir: object = None) -> StoreError | None:
+    """The one-line error for an OSError of a full, read-only or failing disk; None for any other OSError.
+    `state_dir` names where the command was writing when the error names no file."""
     if e.errno not in DISK_ERRNOS:
         return None
-    where = f"{e.filename}: " if e.filename else ""
+    where = f"{e.filename}: " if e.filename else f"writing under {state_dir} or the output file: " if state_dir else ""
     return StoreError(
         f"{where}{e.strerror or e}; free some space or fix the permissions, then run the same command again "
         "(everything recorded before this write is kept)"

@@ -323,15 +323,19 @@ class Store:
 
     def _create_fresh(self) -> None:
         """A new store appears whole or not at all: migrated in a temp file under the lock, then renamed into
-        place, so a store file is never empty or half made (an empty one is refused as a lost ledger)."""
+        place, so a store file is never empty or half made (an empty one is refused as a lost ledger). The temp
+        file uses a rollback journal, not WAL: each commit is then in the file itself (a WAL checkpoint that a
+        full disk stops at close would leave the renamed file without its last pages)."""
         tmp = self.path.with_name(DB_NAME + ".new")
         with self.lock.held(), sqlite_errors(tmp):
             if self.path.exists():
                 return  # another command made it while this one waited for the lock
-            for leftover in (tmp, tmp.with_name(tmp.name + "-wal"), tmp.with_name(tmp.name + "-shm")):
-                leftover.unlink(missing_ok=True)
-            db = self._connect(tmp)
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                tmp.with_name(tmp.name + suffix).unlink(missing_ok=True)
+            db = Database(sqlite3.connect(tmp, isolation_level=None), execute_plugins=False)
             try:
+                db.execute("PRAGMA journal_mode=DELETE")
+                db.execute("PRAGMA synchronous=FULL")
                 migrations.apply(db)
             finally:
                 db.close()
