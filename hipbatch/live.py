@@ -552,14 +552,16 @@ def _bar(report: LiveReport, show: bool) -> Iterator[Any]:
 
     started = time.monotonic()
     columns = [
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # the job name is outside text
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
+        TextColumn("{task.fields[detail]}", markup=False),
         TimeElapsedColumn(),
     ]
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(f"live {report.job}", total=report.to_answer, detail="")
+        from hipbatch.views import plain
+
+        task = progress.add_task(plain(f"live {report.job}"), total=report.to_answer, detail="")
 
         class Bar:
             def update(self, report: LiveReport, waiting_s: float) -> None:
