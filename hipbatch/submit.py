@@ -40,6 +40,7 @@ class FeedReport:
     ambiguous: list[str] = field(default_factory=list)  # shards refused without --force (AmbiguousSubmit)
     errors: list[str] = field(default_factory=list)  # provider calls that failed after retries
     duplicates_cancelled: list[str] = field(default_factory=list)  # extra batches found for one shard
+    tentative: list[str] = field(default_factory=list)  # adopted by time and size only, proven at collect
 
 
 def feed(
@@ -118,12 +119,18 @@ def _send(store: Store, adapters: Adapters, shard: ShardRow, report: FeedReport,
         if found is not None:
             store.attach_batch(shard, found, adopted=True)
             report.adopted.append(found.id)
+            if not found.proven:
+                report.tentative.append(found.id)
             return
         if shard.state == ShardState.AMBIGUOUS and not force:
             raise AmbiguousSubmit(ambiguous_message(shard))
     info = _create(store, provider, shard, force, sleep, report)
     store.attach_batch(shard, info)
-    report.created.append(info.id)
+    if info.proven:
+        report.created.append(info.id)
+    else:  # found after a create that failed: perhaps ours, perhaps another state dir's
+        report.adopted.append(info.id)
+        report.tentative.append(info.id)
 
 
 class _FileNotVisible(ProviderError):

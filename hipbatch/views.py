@@ -106,6 +106,11 @@ class Out:
             return
         if fed.adopted:
             err(f"Adopted {len(fed.adopted)} batch(es) created by an interrupted run: {', '.join(fed.adopted)}")
+        if fed.tentative:
+            err(
+                f"  matched by creation time and size only: {', '.join(fed.tentative)} (never cancelled; used only "
+                "if its results are the shard's requests, else released and the shard sent again)"
+            )
         if fed.created:
             err(f"Created {len(fed.created)} batch(es): {', '.join(fed.created)}")
         elif prep is not None and prep.new == 0 and not fed.adopted:
