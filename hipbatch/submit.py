@@ -126,10 +126,8 @@ def _send(store: Store, adapters: Adapters, shard: ShardRow, report: FeedReport,
             raise AmbiguousSubmit(ambiguous_message(shard))
     info = _create(store, provider, shard, force, sleep, report)
     store.attach_batch(shard, info)
-    if info.proven:
-        report.created.append(info.id)
-    else:  # found after a create that failed: perhaps ours, perhaps another state dir's
-        report.adopted.append(info.id)
+    report.created.append(info.id)
+    if not info.proven:  # found after a create whose answer was lost: likely ours, perhaps another state dir's
         report.tentative.append(info.id)
 
 

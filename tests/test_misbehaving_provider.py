@@ -369,3 +369,12 @@ def test_a_lost_create_next_to_another_state_dirs_batch_is_ambiguous(
     clock = FakeClock()
     assert collect(clock, b, wait=True, poll_interval=1.0, output_file=tmp_path / "b.json")["succeeded"] == 3
     assert server.stats.billed_twice() == []
+
+
+def test_live_mode_does_not_answer_missing_requests_again(openai_env: LocalBatchServer, hip_dir: Path) -> None:
+    cli("submit", hip_dir)
+    openai_env.config.download_fault = "gone"
+    assert collect(FakeClock())["failed_by_reason"] == {"missing": 6}
+    openai_env.config.download_fault = None
+    cli("run", hip_dir)
+    assert sum(openai_env.stats.live_calls.values()) == 0 and openai_env.stats.billed_twice() == []
