@@ -75,7 +75,7 @@ class TokenRates:
 # ---- checks before the store is trusted, and SQLite failures as one line --------------------------------------
 
 DB_NAME = "hipbatch.db"
-QUICK_CHECK_MAX_BYTES = 16 << 20  # a full quick_check on stores up to this size (a few ms); header checks always
+QUICK_CHECK_MAX_BYTES = 8 << 20  # stores up to this size get a full quick_check (about 10 ms); all, the size check
 _S = TypeVar("_S")
 
 
