@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hipbatch import poll
-from hipbatch.errors import AmbiguousSubmit, HipbatchError, UsageError
+from hipbatch.errors import AmbiguousSubmit, AuthFailed, HipbatchError, UsageError
 from hipbatch.providers.registry import Adapters
 from hipbatch.records import BatchInfo, BatchRow, ShardState
 from hipbatch.store import Store
@@ -25,12 +25,14 @@ class CancelReport:
     adopted: list[str] = field(default_factory=list)  # orphans of killed submits, found and cancelled too
     unqueued_shards: int = 0  # local shards never sent, taken out of the queue
     unqueued_requests: int = 0
+    unproven: list[str] = field(default_factory=list)  # adopted by time and size only: never cancelled
 
 
 def cancel_targets(store: Store, batch_ids: list[str] | None, job: str | None = None) -> list[BatchRow]:
-    """The batches `cancel` acts on: the ids given (UsageError on an unknown one) or every unfinished one."""
+    """The batches `cancel` acts on: the ids given (UsageError on an unknown one) or every unfinished one that
+    the store created or proved its own (a batch adopted by time and size only may be another state dir's)."""
     if not batch_ids:
-        return store.batches(job=job, unfinished_only=True)
+        return [b for b in store.batches(job=job, unfinished_only=True) if b.proven]
     rows = []
     for batch_id in batch_ids:
         row = store.batch(batch_id)
@@ -57,13 +59,18 @@ def cancel(
     if not batch_ids:
         _adopt_orphans(store, adapters, job, report, sleep)
         report.unqueued_shards, report.unqueued_requests = store.cancel_queued_shards(job)
+    report.unproven = [b.id for b in store.batches(job=job, unfinished_only=True) if not b.proven]
     for row in cancel_targets(store, batch_ids, job):
         if row.is_final:
             report.already_final.append(row.id)
             continue
+        if not row.proven:
+            continue  # named on the command line: still not ours to cancel until its results prove it
         try:
             info = _cancel_one(store, adapters, row, sleep)
             report.cancelled.append({"batch_id": info.id, "status": info.status})
+        except AuthFailed:
+            raise
         except HipbatchError as e:
             # Most often the batch ended meanwhile; the next status or collect sees its real state.
             report.errors.append(f"{row.id}: {e}")
@@ -92,6 +99,8 @@ def _adopt_orphans(store: Store, adapters: Adapters, job: str | None, report: Ca
         except AmbiguousSubmit as e:
             report.errors.append(str(e))
             continue
+        except AuthFailed:
+            raise
         except HipbatchError as e:
             report.errors.append(f"shard {shard.name}: {e}")
             continue

@@ -226,10 +226,10 @@ def cost_command(
 
     Example: hipbatch cost --job kernels --json
     """
-    led = ops.cost_ledger(ctx.obj, job, Out(quiet=json_out))
+    led = ops.cost_ledger(ctx.obj, job, Out(quiet=json_out))  # None: no store in the state dir (it said so)
     if json_out:
-        print_json(led.as_json())
-    else:
+        print_json(led.as_json() if led else {"rows": [], "total": None})
+    elif led is not None:
         views.cost_table(led)
 
 
@@ -259,7 +259,7 @@ def retry(
         opt(
             "REASON",
             "Only requests in this state: failed, expired, canceled, extraction_failed, truncated or missing; "
-            "repeat for several (default: all of them).",
+            "repeat for several (default: all but missing, which needs --yes).",
             "--only",
         ),
     ] = None,
@@ -269,6 +269,9 @@ def retry(
         opt("INTEGER", "Send truncated requests with this max_tokens (new requests: new custom_ids).", min=1),
     ] = None,
     job: Annotated[str | None, opt("NAME", "Only this job's requests.")] = None,
+    yes: Annotated[
+        bool, opt(None, "With --only missing: resend requests whose results the provider lost.", "--yes")
+    ] = False,
     force: Force = False,
     json_out: JsonOut = False,
 ) -> None:
@@ -276,9 +279,9 @@ def retry(
 
     Example: hipbatch retry --only expired --only failed --max-attempts 3  (or: --only truncated --max-tokens 2048)
     """
-    reasons = tuple(r.value for r in (only or list(RetryReason)))
+    reasons = tuple(r.value for r in only) if only else ops.RetryOptions().reasons
     out = Out(quiet=json_out)
-    result = ops.retry(ctx.obj, ops.RetryOptions(reasons, max_attempts, job, force, max_tokens), out)
+    result = ops.retry(ctx.obj, ops.RetryOptions(reasons, max_attempts, job, force, max_tokens, yes), out)
     if json_out:
         print_json(asdict(result))
     out.retried(result, max_attempts, ctx.obj.state_dir)

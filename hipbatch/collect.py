@@ -1,23 +1,25 @@
-"""Collect: download the results of finished batches (checked: complete and parsable, or fetched again), read
-every line through the extractor into the ledger, and run the extractor again over stored replies."""
+"""Collect: download the results of finished batches (kept only when whole: every line parses, the count matches
+the provider's, no custom_id answered twice differently; else fetched again, and left uncollected), read every
+line through the extractor into the ledger, and run the extractor again over stored replies."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hipbatch import poll
-from hipbatch.errors import HipbatchError, TransientError
+from hipbatch.errors import AuthFailed, HipbatchError, ResultsGone, TransientError, UnreadableResults
 from hipbatch.extract import ExtractSettings, extract
 from hipbatch.progress import NullProgress, Progress, Task
 from hipbatch.providers import Provider
-from hipbatch.providers.base import iter_jsonl
+from hipbatch.providers.base import iter_jsonl, line_id
 from hipbatch.providers.registry import Adapters
-from hipbatch.records import BatchInfo, Outcome, RequestState, Result
+from hipbatch.records import BatchInfo, BatchRow, Outcome, RequestState, Result
 from hipbatch.status import FAILED_STATES
 from hipbatch.store import Store
 
@@ -31,6 +33,9 @@ class CollectReport:
     lines: int = 0
     refetches: int = 0
     errors: list[str] = field(default_factory=list)  # batches whose results could not be read (uncollected)
+    gone: list[str] = field(default_factory=list)  # batches whose results the provider no longer has
+    proven: list[str] = field(default_factory=list)  # batches adopted by time and size, found to be ours
+    released: list[str] = field(default_factory=list)  # batches adopted by time and size, found not to be ours
 
 
 class _Extractors:
@@ -104,9 +109,21 @@ def outcome_row(
 
 
 def collect_batches(
-    store: Store, adapters: Adapters, progress: Progress | None = None, sleep: poll.Sleep = poll.REAL_CLOCK.sleep
+    store: Store,
+    adapters: Adapters,
+    progress: Progress | None = None,
+    sleep: poll.Sleep = poll.REAL_CLOCK.sleep,
+    left: Callable[[], float] | None = None,
 ) -> CollectReport:
-    """Read the results of every finished, uncollected batch into the ledger."""
+    """Read the results of every finished, uncollected batch into the ledger.
+
+    A batch whose results cannot be read completely (short, empty, cut, malformed, inconsistent, no output file
+    yet) stays uncollected, its requests `submitted`, and the reason is kept for `status`: the next collect
+    fetches it again, and nothing of it is ever sent again. Only when the provider says its results are gone do
+    its unanswered requests become `missing`. A batch adopted by time and size is used only when its results are
+    the shard's requests; else it is released and the shard goes back to the queue. `left()`: time left before
+    the command's deadline (no download starts or retries past it). An AuthFailed ends the collect.
+    """
     progress = progress or NullProgress()
     report = CollectReport()
     extractors = _Extractors(store)
@@ -114,31 +131,114 @@ def collect_batches(
     results_dir = store.state_dir / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     for batch in store.batches_to_collect():
-        info = batch.info()
+        if left is not None and left() <= 0:
+            break  # past the deadline: the rest waits for the next collect, as it was
         dest = results_dir / f"{batch.id}.jsonl"
         try:
             provider = adapters.get(batch.provider)
-            # dest only ever appears whole (checked, then renamed): a collect killed after the download
-            # reads it again instead of fetching it again.
-            if (info.output_file_id or info.error_file_id or info.counts_final_only) and not dest.exists():
-                provider.check_key()
-                report.refetches += _download_checked(provider, info, dest, sleep)
-        except HipbatchError as e:
-            # Left uncollected, its requests still `submitted`: the next collect fetches it again.
-            report.errors.append(f"{batch.id}: results not read, batch left uncollected: {e}")
+            ids = _fetch(store, provider, batch, dest, sleep, left, report)
+        except AuthFailed:
+            raise
+        except ResultsGone as e:
+            _gone(store, batch, e, report)
             continue
-        # One transaction per batch: a batch is read in whole or not at all (a killed collect reads it again),
-        # and SQLite writes each touched page once instead of once per chunk: results come in any order.
-        with store.atomic(), progress.task(f"collect {batch.id}", info.total) as bar:
-            if dest.exists():
-                price = prices.lookup(batch.provider, batch.model) if prices is not None else None
-                rows = _outcome_rows(dest, provider, extractors(batch.job), price, bar)
-                report.lines += store.save_results_staged(rows, from_batch=batch.id)
-            leftover_state, message = _leftover(info)
-            store.mark_unanswered(batch.id, leftover_state, message)
-            store.mark_collected(batch.id)
-        report.batches.append(batch.id)
+        except HipbatchError as e:
+            store.record_read_error(batch.id, str(e))
+            report.errors.append(f"{batch.id}: results not read, batch left uncollected (requests stay submitted): {e}")
+            continue
+        if not batch.proven and not _owned(store, batch, ids, dest, report):
+            continue
+        _record(store, batch, provider, dest, extractors(batch.job), prices, progress, report)
     return report
+
+
+def _record(
+    store: Store,
+    batch: BatchRow,
+    provider: Provider,
+    dest: Path,
+    settings: ExtractSettings,
+    prices: PriceTable | None,
+    progress: Progress,
+    report: CollectReport,
+) -> None:
+    """A checked results file into the ledger, and the batch's requests without a line by its final status."""
+    info = store.batch(batch.id) or batch
+    # One transaction per batch: a batch is read in whole or not at all (a killed collect reads it again),
+    # and SQLite writes each touched page once instead of once per chunk: results come in any order.
+    with store.atomic(), progress.task(f"collect {batch.id}", info.total) as bar:
+        if dest.exists():
+            price = prices.lookup(batch.provider, batch.model) if prices is not None else None
+            rows = _outcome_rows(dest, provider, settings, price, bar)
+            report.lines += store.save_results_staged(rows, from_batch=batch.id)
+        leftover_state, message = _leftover(info.info())
+        store.mark_unanswered(batch.id, leftover_state, message)
+        store.mark_collected(batch.id)
+    report.batches.append(batch.id)
+
+
+def _fetch(
+    store: Store,
+    provider: Provider,
+    batch: BatchRow,
+    dest: Path,
+    sleep: poll.Sleep,
+    left: Callable[[], float] | None,
+    report: CollectReport,
+) -> set[str] | None:
+    """The custom_ids of the batch's checked results file (downloaded unless a killed collect left it), or None
+    when there is nothing to read (no file and no answer counted: a batch that failed validation)."""
+    info = batch.info()
+    if dest.exists():
+        # dest only ever appears whole (checked, then renamed): a collect killed after the download reads it
+        # again instead of fetching it again.
+        try:
+            return check_results(dest, info, want_ids=not batch.proven)
+        except UnreadableResults:
+            dest.unlink()  # not what a checked download leaves: fetch it again
+            raise
+    if not (info.output_file_id or info.error_file_id or info.counts_final_only) and not expected_results(info):
+        return None
+    provider.check_key()
+    ids, refetches = _download_checked(store, provider, info, dest, sleep, left, want_ids=not batch.proven)
+    report.refetches += refetches
+    return ids
+
+
+def _owned(store: Store, batch: BatchRow, ids: set[str] | None, dest: Path, report: CollectReport) -> bool:
+    """A batch adopted by time and size only is ours when its results are its shard's requests: proven, or
+    released (forgotten, its shard queued again, the attempt not counted)."""
+    ours = store.batch_request_ids(batch.id)
+    foreign = (ids or set()) - ours
+    if ids and not foreign:
+        store.prove_batch(batch.id)
+        report.proven.append(batch.id)
+        return True
+    why = (
+        f"its results hold {len(foreign)} request(s) that are not in shard {batch.shard_id}"
+        if ids
+        else "it returned no results to compare with the shard"
+    )
+    store.release_batch(batch.id, why)
+    dest.unlink(missing_ok=True)
+    report.released.append(
+        f"{batch.id} was matched by creation time and size only and is not this state dir's ({why}): released, "
+        "never cancelled; its shard is queued to be sent again"
+    )
+    return False
+
+
+def _gone(store: Store, batch: BatchRow, error: ResultsGone, report: CollectReport) -> None:
+    """The provider no longer has the batch's results: what has no line becomes `missing` (it may have been
+    answered and billed, so only `retry --only missing --yes` sends it again)."""
+    message = (
+        f"the provider no longer has the results of batch {batch.id} ({error}); it may have been answered and "
+        "billed: `hipbatch retry --only missing --yes` sends it again"
+    )
+    with store.atomic():
+        n = store.mark_unanswered(batch.id, RequestState.MISSING, message)
+        store.mark_collected(batch.id, note=f"results gone: {error}")
+    report.gone.append(f"{batch.id}: {error}; {n} request(s) marked missing (`hipbatch retry --only missing --yes`)")
 
 
 def _outcome_rows(
@@ -173,31 +273,125 @@ def _leftover(info: BatchInfo) -> tuple[str, str]:
         return RequestState.EXPIRED, "the batch window (24 h; Gemini 48 h) passed before this request ran"
     if info.status in ("cancelled", "cancelling", "canceling", "JOB_STATE_CANCELLED"):
         return RequestState.CANCELED, "the batch was cancelled before this request ran"
-    return RequestState.MISSING, "the provider returned no line for this request"
+    return RequestState.MISSING, "the batch's results hold no line for this request (the provider's counts miss it)"
 
 
-def _download_checked(provider: Provider, info: BatchInfo, dest: Path, sleep: poll.Sleep) -> int:
-    """Download to a temp file; every line must parse and the line count must match, else fetch again.
-    Returns how many downloads were thrown away."""
-    expected = (info.done or 0) + (info.failed or 0) if info.done is not None else None
+def expected_results(info: BatchInfo) -> int | None:
+    """How many result lines the provider's final counts promise (None when it gives no counts)."""
+    return (info.done or 0) + (info.failed or 0) if info.done is not None else None
+
+
+def _download_checked(
+    store: Store,
+    provider: Provider,
+    info: BatchInfo,
+    dest: Path,
+    sleep: poll.Sleep,
+    left: Callable[[], float] | None,
+    want_ids: bool = False,
+) -> tuple[set[str] | None, int]:
+    """Download to a temp file, kept (renamed to dest) only when check_results() finds it whole; else fetched
+    again under the DOWNLOAD policy, then UnreadableResults. Returns (its custom_ids if wanted, downloads thrown
+    away)."""
     part = dest.with_suffix(".part")
-    refetches = 0
+    refetches = tries = 0
     try:
-        for attempt in poll.attempts(poll.DOWNLOAD, sleep, retry_on=(TransientError, ValueError)):
+        for attempt in poll.attempts(poll.DOWNLOAD, sleep, left=left):
             with attempt:
+                tries += 1
                 try:
+                    info = _with_files(store, provider, info)
                     provider.download(info, part)
-                    count = sum(1 for _ in iter_jsonl(part))
-                    last = attempt.retry_state.attempt_number >= poll.DOWNLOAD.attempts
-                    if expected is not None and count < expected and not last:
-                        raise TransientError(f"{info.id}: download has {count} of {expected} lines")
-                except (TransientError, ValueError):
+                    ids = check_results(part, info, want_ids)
+                except TransientError:
                     refetches += 1
                     raise
                 os.replace(part, dest)
-    except (TransientError, ValueError) as e:
-        raise TransientError(f"{info.id}: download still incomplete after {poll.DOWNLOAD.attempts} tries: {e}") from e
-    return refetches
+                return ids, refetches
+    except TransientError as e:
+        named = str(e) if info.id in str(e) else f"batch {info.id}: {e}"
+        raise UnreadableResults(f"{named} (after {tries} tr{'y' if tries == 1 else 'ies'})") from e
+    finally:
+        part.unlink(missing_ok=True)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _with_files(store: Store, provider: Provider, info: BatchInfo) -> BatchInfo:
+    """The batch as the provider shows it now when it finished with answers counted but no result file named:
+    a completed batch without an output file is "not readable yet", never "no answers"."""
+    if info.output_file_id or info.error_file_id or info.counts_final_only or not expected_results(info):
+        return info
+    fresh = provider.status(info.id)
+    store.update_batch(fresh)
+    if not (fresh.output_file_id or fresh.error_file_id):
+        raise UnreadableResults(
+            f"batch {info.id} is {fresh.status} with {expected_results(fresh)} answer(s) counted but names no "
+            "output file yet"
+        )
+    return fresh
+
+
+def check_results(path: Path, info: BatchInfo, want_ids: bool = False) -> set[str] | None:
+    """Check that a downloaded results file is whole: every line parses and names a custom_id, a custom_id found
+    twice carries the same answer both times, and it answers as many requests as the provider's final counts.
+    Else UnreadableResults naming the batch and the line. Returns its custom_ids when asked (want_ids).
+
+    Memory stays flat-ish: one packed (custom_id hash, line hash) int per line, not the ids themselves."""
+    decode = json.JSONDecoder().decode  # json.loads without its per-call encoding detection
+    pairs: list[int] = []
+    ids: set[str] | None = set() if want_ids else None
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                item = decode(line.decode("utf-8-sig"))
+            except ValueError:
+                raise UnreadableResults(f"batch {info.id}: results line {n} is not valid JSON") from None
+            custom_id = line_id(item)  # custom_id (OpenAI, Anthropic) or key (Gemini)
+            if custom_id is None:
+                raise UnreadableResults(f"batch {info.id}: results line {n} names no custom_id")
+            pairs.append((hash(custom_id) & _MASK) << 64 | (hash(line) & _MASK))
+            if ids is not None:
+                ids.add(custom_id)
+    pairs.sort()
+    distinct, differing = 0, False
+    for i, pair in enumerate(pairs):
+        if i and pair >> 64 == pairs[i - 1] >> 64:
+            differing = differing or pair != pairs[i - 1]
+        else:
+            distinct += 1
+    del pairs
+    if differing:
+        _same_answers(path, info)
+    expected = expected_results(info)
+    if expected is not None and distinct < expected:
+        raise UnreadableResults(
+            f"batch {info.id}: the download holds {distinct} of the {expected} results the provider counts"
+        )
+    return ids
+
+
+_MASK = (1 << 64) - 1
+
+
+def _same_answers(path: Path, info: BatchInfo) -> None:
+    """Lines of one custom_id that differ byte for byte must still say the same, else UnreadableResults: a
+    second, different answer is never applied over a paid one (nor its tokens). Rare: holds every line."""
+    first: dict[str, tuple[int, Any]] = {}
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            item = json.loads(raw)
+            custom_id = line_id(item)
+            line, value = first.setdefault(str(custom_id), (n, item))
+            if value != item:
+                raise UnreadableResults(
+                    f"batch {info.id}: custom_id {custom_id} has two different answers (results lines "
+                    f"{line} and {n}): the download is inconsistent and was not used"
+                )
 
 
 def reextract(store: Store, job: str | None = None) -> dict[str, int]:

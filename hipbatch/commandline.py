@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from typer.core import TyperCommand
 
-from hipbatch.errors import HipbatchError
+from hipbatch.errors import HipbatchError, disk_error
 from hipbatch.views import err
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -92,15 +92,20 @@ GLOBALS = [
 
 
 def reports_errors(fn: F) -> F:
-    """Turn HipbatchError into `Error: ...` on stderr and its exit code; Ctrl-C into a hint and 130."""
+    """Turn HipbatchError (and an OSError of a full or read-only disk) into `Error: ...` on stderr and its exit
+    code; Ctrl-C into a hint and 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except HipbatchError as e:
-            err(f"Error: {e}")
-            raise typer.Exit(e.exit_code) from None
+        except (HipbatchError, OSError) as e:
+            state_dir = getattr(getattr(kwargs.get("ctx"), "obj", None), "state_dir", None)
+            problem = e if isinstance(e, HipbatchError) else disk_error(e, state_dir)
+            if problem is None:
+                raise
+            err(f"Error: {problem}")
+            raise typer.Exit(problem.exit_code) from None
         except KeyboardInterrupt:
             err("Interrupted. Everything done so far is recorded; run the same command again to continue.")
             raise typer.Exit(130) from None

@@ -19,7 +19,7 @@ from typing import Any
 
 from hipbatch import poll
 from hipbatch.collect import outcome_row
-from hipbatch.errors import ProviderError, TransientError
+from hipbatch.errors import AuthFailed, ProviderError, TransientError
 from hipbatch.prepare import Source, prepare
 from hipbatch.progress import default_progress
 from hipbatch.providers import Provider
@@ -466,6 +466,10 @@ class _Run:
             self.calls += item.calls
             if answer.kind == "ok" and answer.result is not None:
                 row = outcome_row(answer.result, self.template.extract, via="live")
+            elif isinstance(answer.error, AuthFailed):  # the key, not the request: left as it was, run stops
+                self.report.fatal = self.report.fatal or str(answer.error)
+                self.stopping.set()
+                continue
             elif answer.kind == "permanent" and answer.error is not None:
                 status = _status_of(answer.error)
                 code = f"http_{status}" if status else "provider_error"
@@ -548,14 +552,16 @@ def _bar(report: LiveReport, show: bool) -> Iterator[Any]:
 
     started = time.monotonic()
     columns = [
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),  # the job name is outside text
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"),
+        TextColumn("{task.fields[detail]}", markup=False),
         TimeElapsedColumn(),
     ]
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task(f"live {report.job}", total=report.to_answer, detail="")
+        from hipbatch.views import plain
+
+        task = progress.add_task(plain(f"live {report.job}"), total=report.to_answer, detail="")
 
         class Bar:
             def update(self, report: LiveReport, waiting_s: float) -> None:

@@ -163,6 +163,23 @@ def m003_superseded_answers(db: Database) -> None:
     db.table("superseded").create_index(["job", "provider", "model"])
 
 
+@migrations()
+def m004_batch_read_errors(db: Database) -> None:
+    # A finished batch whose results cannot be read completely stays uncollected (its requests `submitted`):
+    # why, and after how many collects, is kept for `status`. `proven` is 0 for a batch adopted by creation
+    # time and size only (no tag to name its shard) until its results' custom_ids are found to be the shard's;
+    # such a batch is never cancelled. A candidate found not to be ours is forgotten and its id kept in
+    # foreign_batches, so it is never adopted again.
+    batches = db.table("batches")
+    batches.add_column("read_error", str)
+    batches.add_column("read_attempts", int, not_null_default=0)
+    batches.add_column("proven", int, not_null_default=1)
+    db.execute("UPDATE batches SET proven = 0 WHERE adopted = 1 AND provider = 'anthropic' AND collected = 0")
+    db.table("foreign_batches").create(
+        {"id": str, "provider": str, "shard_id": int, "released_at": float, "reason": str}, pk="id"
+    )
+
+
 #: ISO-8601 (UTC, milliseconds) text of an epoch-seconds column, as the views and the *_iso columns show it.
 def _iso(column: str) -> str:
     return f"strftime('%Y-%m-%dT%H:%M:%fZ', {column}, 'unixepoch')"

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from hipbatch import poll
-from hipbatch.errors import UsageError
-from hipbatch.records import RETRYABLE, ShardState
+from hipbatch.errors import NoState, UsageError
+from hipbatch.records import RETRY_DEFAULT, RequestState, ShardState
 from hipbatch.views import Out
 
 if TYPE_CHECKING:
@@ -64,9 +64,17 @@ class Context:
         return config
 
     def store(self) -> Store:
+        """The state dir's store, made if it is missing (commands that send)."""
         from hipbatch.store import Store
 
         return Store(self.state_dir)
+
+    def existing_store(self) -> Store:
+        """The state dir's store for commands that only look (status, cost, report): nothing is created,
+        NoState when there is none."""
+        from hipbatch.store import Store
+
+        return Store.open_existing(self.state_dir)
 
 
 @contextmanager
@@ -222,10 +230,15 @@ class StatusResult:
 @tells_retries
 def status(ctx: Context, opts: StatusOptions, out: Out, show: Callable[[StatusResult], None]) -> None:
     """Refresh unfinished batches and show them; with watch, again every interval until all are final
-    (sending queued shards as capacity frees)."""
-    store = ctx.store()
+    (sending queued shards as capacity frees). With no store in the state dir, says so and shows nothing."""
+    config = ctx.config(out)  # a bad config file is an error even with no store yet
+    try:
+        store = ctx.existing_store()
+    except NoState as e:
+        out.notice(str(e))
+        show(StatusResult([], 0))
+        return
     store.read_mapped()
-    config = ctx.config(out)
     kept = windows(config) if opts.watch else None  # kept across refreshes
 
     def step() -> bool:
@@ -277,7 +290,8 @@ class CollectOptions:
 @tells_retries
 def collect(ctx: Context, opts: CollectOptions, out: Out, kept: Windows | None = None) -> dict[str, Any]:
     """Poll (once, or until done with wait), download and record what finished, then write the dataset.
-    `kept`: capacity windows to use (and keep shrunk or grown) across polls, else built from the options."""
+    `kept`: capacity windows to use (and keep shrunk or grown) across polls, else built from the options.
+    --timeout bounds the whole command: no download starts or retries past it."""
     from hipbatch import cost
     from hipbatch.collect import reextract
     from hipbatch.config import check_output_path
@@ -286,11 +300,11 @@ def collect(ctx: Context, opts: CollectOptions, out: Out, kept: Windows | None =
     parse_fields(opts.fields)  # a bad --fields, output path or config value fails before anything is read or sent
     check_output_path(opts.output_file, "--output-file")
     config = ctx.config(out)
-    if not (ctx.state_dir / "hipbatch.db").exists():
-        # Nothing was ever submitted from here: write nothing (an existing dataset stays as it is).
-        out.note(f"No hipbatch state in {ctx.state_dir}: nothing to collect, {opts.output_file} left as it was.")
+    try:
+        store = ctx.existing_store()  # nothing was ever submitted from here: write nothing, create nothing
+    except NoState as e:
+        out.notice(f"{e}; {opts.output_file} left as it was")
         return {"output_file": str(opts.output_file), "records": 0, "written": False, "state_dir": str(ctx.state_dir)}
-    store = ctx.store()
     _check_job(store, ctx.state_dir, opts.job)
     summary: dict[str, Any] = {}
     prices = None
@@ -301,7 +315,8 @@ def collect(ctx: Context, opts: CollectOptions, out: Out, kept: Windows | None =
         prices = cost.load_prices(config)
         if kept is None:
             kept = windows(config, opts.max_in_flight_batches, opts.max_enqueued_tokens)
-        poll_once = _poller(ctx, store, config, prices, out, kept)
+        deadline = ctx.clock.monotonic() + opts.timeout if opts.timeout else None
+        poll_once = _poller(ctx, store, config, prices, out, kept, poll.time_left(deadline, ctx.clock))
         reason, last = poll.wait_for_batches(
             poll_once, opts.wait, opts.poll_interval, opts.timeout, ctx.clock, out.waiting
         )
@@ -311,7 +326,13 @@ def collect(ctx: Context, opts: CollectOptions, out: Out, kept: Windows | None =
 
 
 def _poller(
-    ctx: Context, store: Store, config: Config, prices: PriceTable, out: Out, kept: Windows
+    ctx: Context,
+    store: Store,
+    config: Config,
+    prices: PriceTable,
+    out: Out,
+    kept: Windows,
+    left: Callable[[], float] | None = None,
 ) -> Callable[[], poll.Round]:
     """One poll of collect --wait: refresh, collect, settle the cost, send what now fits."""
     from hipbatch import cost
@@ -327,13 +348,13 @@ def _poller(
         with locked(store):
             # Refresh and collect first: capacity freed by finished batches is used in the same poll.
             refreshed = refresh(store, adapters, kept, ctx.clock.sleep)
-            collected = collect_batches(store, adapters, out.progress(), ctx.clock.sleep)
+            collected = collect_batches(store, adapters, out.progress(), ctx.clock.sleep, left)
             cost.settle(store, prices)  # cost of the answers just read, from their tokens
             fed = feed(store, adapters, kept, sleep=ctx.clock.sleep, progress=out.progress())
             unfinished = len(store.batches(unfinished_only=True))
             queued = len(store.shards_in_states([ShardState.QUEUED]))
             finished = len(store.batches()) - unfinished
-        for line in refreshed.errors + fed.blocked + collected.errors:
+        for line in refreshed.errors + fed.blocked + collected.errors + collected.gone + collected.released:
             out.warn(line)
         out.feed_problems(fed, "Warning")
         out.collected(collected)
@@ -412,13 +433,18 @@ def _check_job(store: Store, state_dir: Path, job: str | None) -> None:
         )
 
 
-def cost_ledger(ctx: Context, job: str | None, out: Out) -> Ledger:
-    """`hipbatch cost`: settle what is not costed yet, then the ledger per job and model."""
+def cost_ledger(ctx: Context, job: str | None, out: Out) -> Ledger | None:
+    """`hipbatch cost`: settle what is not costed yet, then the ledger per job and model (None, after saying
+    so, when the state dir holds no store)."""
     from hipbatch import cost
 
-    store = ctx.store()
+    prices = cost.load_prices(ctx.config(out))  # a bad config file is an error even with no store yet
+    try:
+        store = ctx.existing_store()
+    except NoState as e:
+        out.notice(str(e))
+        return None
     _check_job(store, ctx.state_dir, job)
-    prices = cost.load_prices(ctx.config(out))
     with locked(store):
         cost.settle(store, prices)
         led = cost.ledger(store, prices, job)
@@ -436,7 +462,7 @@ def report(ctx: Context, job: str | None, output: Path | None, out: Out) -> Repo
 
     if output is not None:
         check_output_path(output, "--output")
-    store = ctx.store()
+    store = ctx.existing_store()  # NoState (an error here: there is nothing to report on) creates nothing
     name = job or default_job(store)
     prices = cost.load_prices(ctx.config(out))
     with locked(store):
@@ -458,22 +484,24 @@ def failed_files(ctx: Context, job: str | None) -> list[dict[str, Any]]:
 class RetryOptions:
     """`hipbatch retry`."""
 
-    reasons: tuple[str, ...] = tuple(str(r) for r in RETRYABLE)
+    reasons: tuple[str, ...] = tuple(str(r) for r in RETRY_DEFAULT)
     max_attempts: int | None = None
     job: str | None = None
     force: bool = False
     max_tokens: int | None = None  # truncated requests go again as new requests with this max_tokens
+    yes: bool = False  # resend `missing` requests too (their results are gone: they may have been billed)
 
 
 @tells_retries
 def retry(ctx: Context, opts: RetryOptions, out: Out) -> Any:
-    """Resend, in new batches, the requests with no good answer."""
+    """Resend, in new batches, the requests with no good answer (`missing` ones only when named, with yes)."""
     from hipbatch.providers.registry import Adapters
     from hipbatch.retry import retry as resend
 
     config = ctx.config(out)
     store = ctx.store()
     with locked(store):
+        _check_missing(store, opts)
         result = resend(
             store, Adapters(config), list(opts.reasons), opts.max_attempts, opts.job, windows(config), opts.force,
             ctx.clock.sleep, opts.max_tokens,
@@ -481,6 +509,17 @@ def retry(ctx: Context, opts: RetryOptions, out: Out) -> Any:
     if result.feed is not None:
         out.feed_problems(result.feed)
     return result
+
+
+def _check_missing(store: Store, opts: RetryOptions) -> None:
+    """`--only missing` resends answers that may already be paid for: only with --yes."""
+    missing = store.request_counts(opts.job).get(RequestState.MISSING, 0) if "missing" in opts.reasons else 0
+    if missing and not opts.yes:
+        raise UsageError(
+            f"--only missing: {missing} request(s) are missing: the provider no longer has their batch's results "
+            "(or returned no line for them), so they may have been answered and billed already and sending them "
+            "again may pay twice; add --yes to send them anyway"
+        )
 
 
 @dataclass(frozen=True)
@@ -617,6 +656,7 @@ def demo(
         collect(ctx, CollectOptions(output, wait=True, poll_interval=0.2, timeout=60), out)
         out.note("\n$ hipbatch cost")
         led = cost_ledger(ctx, "demo", out)
+        assert led is not None  # the demo's store was just made
         show_cost(led)
         report_path = output.with_name(f"{output.stem}-report.html")
         out.note(f"\n$ hipbatch report --job demo --output {report_path}")

@@ -112,25 +112,29 @@ def policy(
     give_up: Callable[[], bool] | None = None,
     no_wait: Callable[[BaseException], bool] | None = None,
     notify: Notify | None = None,
+    left: Callable[[], float] | None = None,
 ) -> Retrying:
     """The one tenacity builder: retry `retry_on` errors under `rule`, honouring Retry-After.
 
     give_up() ends the retries early (a stopping run); no_wait(error) skips the back-off for errors that are
-    waited for elsewhere (a 429 in live mode holds the shared gate instead). notify (default: the one set by
-    `notifying`) hears of each back-off once the waits add up to NOTIFY_AFTER_S.
+    waited for elsewhere (a 429 in live mode holds the shared gate instead); left() is the time left before a
+    deadline (`collect --wait --timeout`): no try starts after it and no back-off runs past it. notify (default:
+    the one set by `notifying`) hears of each back-off once the waits add up to NOTIFY_AFTER_S.
     """
     from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
     tell = notify or _NOTIFY.get()
 
     def stop(state: RetryCallState) -> bool:
-        return bool(give_up and give_up()) or stop_after_attempt(rule.attempts)(state)
+        late = left is not None and left() <= 0
+        return late or bool(give_up and give_up()) or stop_after_attempt(rule.attempts)(state)
 
     def wait(state: RetryCallState) -> float:
         error = state.outcome.exception() if state.outcome else None
         if no_wait is not None and error is not None and no_wait(error):
             return 0.0
-        return backoff(rule, state.attempt_number, _retry_after(state))
+        pause = backoff(rule, state.attempt_number, _retry_after(state))
+        return pause if left is None else max(min(pause, left()), 0.0)
 
     def before_sleep(state: RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
@@ -152,9 +156,17 @@ def attempts(
     sleep: Callable[[float], None] = time.sleep,
     retry_on: tuple[type[BaseException], ...] = (TransientError,),
     notify: Notify | None = None,
+    left: Callable[[], float] | None = None,
 ) -> Iterator[AttemptManager]:
     """`for attempt in attempts(rule): with attempt: ...`: the tries of a block that does more than one call."""
-    yield from policy(rule, sleep, retry_on, notify=notify)
+    yield from policy(rule, sleep, retry_on, notify=notify, left=left)
+
+
+def time_left(deadline: float | None, clock: Clock = REAL_CLOCK) -> Callable[[], float] | None:
+    """Seconds left before `deadline` (a clock.monotonic() reading), as a function; None without a deadline."""
+    if deadline is None:
+        return None
+    return lambda: deadline - clock.monotonic()
 
 
 def retrying(

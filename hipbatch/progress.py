@@ -56,7 +56,7 @@ class RichProgress:
                 return Text(f"{task.speed or 0:,.0f}/s")
 
         columns = [
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),  # descriptions hold batch ids and names from outside
             BarColumn(),
             MofNCompleteColumn(),
             TaskProgressColumn(),
@@ -64,8 +64,10 @@ class RichProgress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         ]
+        from hipbatch.views import plain  # here: views imports this module
+
         with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-            task_id = bar.add_task(description, total=total)
+            task_id = bar.add_task(plain(description), total=total)
 
             class _Task:
                 def advance(self, n: int = 1) -> None:

@@ -20,7 +20,7 @@ class RequestState(StrEnum):
     CANCELED = "canceled"  # the batch was cancelled before this request ran
     EXTRACTION_FAILED = "extraction_failed"  # a reply came back but held no usable prompt
     TRUNCATED = "truncated"  # the reply was cut off by max_tokens
-    MISSING = "missing"  # sent, but the provider never returned a line for it
+    MISSING = "missing"  # sent, and the provider has no result line for it (results gone, or never run)
 
 
 #: Reasons `retry --only` accepts; every state that has no good answer and is not in flight.
@@ -32,6 +32,10 @@ RETRYABLE = (
     RequestState.TRUNCATED,
     RequestState.MISSING,
 )
+
+#: What a bare `retry` resends: a `missing` request may have been answered and billed (its results are gone),
+#: so it is resent only when asked for by name (`retry --only missing --yes`).
+RETRY_DEFAULT = tuple(s for s in RETRYABLE if s is not RequestState.MISSING)
 
 
 class ShardState(StrEnum):
@@ -74,6 +78,7 @@ class BatchInfo:
     errors: list[dict[str, Any]] = field(default_factory=list)  # batch-level errors (code, message)
     metadata: dict[str, str] = field(default_factory=dict)
     model: str | None = None
+    proven: bool = True  # False: matched by creation time and size only, not yet checked against the shard
 
 
 @dataclass
@@ -160,6 +165,9 @@ class BatchRow:
     errors: list[dict[str, Any]]
     collected: bool
     adopted: bool
+    read_error: str | None = None  # why its results could not be read yet (it stays uncollected)
+    read_attempts: int = 0  # collects that failed to read them
+    proven: bool = True  # False: adopted by creation time and size only; never cancelled, checked at collect
 
     def info(self) -> BatchInfo:
         """The provider-neutral view of this batch, as its adapter last reported it."""
@@ -176,4 +184,5 @@ class BatchRow:
             output_file_id=self.output_file_id,
             error_file_id=self.error_file_id,
             errors=list(self.errors),
+            proven=self.proven,
         )

@@ -21,7 +21,7 @@ from hipbatch.pack import LineEncoder, Shard, ShardWriter, safe_name, shard_pref
 from hipbatch.providers.base import line_id
 from hipbatch.providers.registry import Adapters
 from hipbatch.queue import Window
-from hipbatch.records import RETRYABLE, RequestState, ShardRow
+from hipbatch.records import RETRY_DEFAULT, RETRYABLE, RequestState, ShardRow
 from hipbatch.store import Store
 from hipbatch.submit import FeedReport, feed
 
@@ -42,6 +42,7 @@ class RetryReport:
     feed: FeedReport | None = None
     max_tokens: int | None = None  # --max-tokens: truncated requests go again as new requests with it
     renewed: int = 0  # truncated requests sent as new requests (new custom_id) with max_tokens
+    missing_left: int = 0  # `missing` requests not resent (not asked for with --only missing --yes)
 
 
 class Renewer:
@@ -108,7 +109,7 @@ def _selected(
 def requeue_for_retry(
     store: Store,
     adapters: Adapters,
-    reasons: Iterable[str] = RETRYABLE,
+    reasons: Iterable[str] = RETRY_DEFAULT,
     max_attempts: int | None = None,
     job: str | None = None,
     max_tokens: int | None = None,
@@ -121,6 +122,8 @@ def requeue_for_retry(
         raise UsageError(f"--only {unknown[0]}: not a retry reason; use any of {', '.join(str(s) for s in RETRYABLE)}")
     report = RetryReport(reasons=reasons, max_tokens=max_tokens)
     renewer = Renewer(adapters, max_tokens, store.known_ids) if max_tokens is not None else None
+    if RequestState.MISSING not in reasons:
+        report.missing_left = store.request_counts(job).get(RequestState.MISSING, 0)
     # Only the selected requests are held; the shard files themselves are streamed line by line.
     wanted = _selected(store, reasons, max_attempts, job, report)
     old: dict[int, ShardRow] = {}
@@ -195,7 +198,7 @@ def _copy_lines(
 def retry(
     store: Store,
     adapters: Adapters,
-    reasons: Iterable[str] = RETRYABLE,
+    reasons: Iterable[str] = RETRY_DEFAULT,
     max_attempts: int | None = None,
     job: str | None = None,
     window: Window | Mapping[str, Window] | None = None,

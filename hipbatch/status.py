@@ -10,7 +10,7 @@ from typing import Any
 
 from hipbatch import poll
 from hipbatch.cost import money
-from hipbatch.errors import HipbatchError
+from hipbatch.errors import AuthFailed, HipbatchError
 from hipbatch.providers.registry import Adapters
 from hipbatch.queue import Window, pick_window
 from hipbatch.records import RETRYABLE, BatchRow, RequestState
@@ -41,6 +41,8 @@ def refresh(
     for batch in store.batches(unfinished_only=True):
         try:
             info = poll.retrying(adapters.get(batch.provider).status, batch.id, rule=poll.STATUS, sleep=sleep)
+        except AuthFailed:
+            raise  # every other check would be refused too: the command ends
         except HipbatchError as e:
             report.errors.append(f"{batch.id}: {e}")
             continue
@@ -89,6 +91,9 @@ def batch_rows(store: Store, job: str | None = None, now: float | None = None) -
                 "age_seconds": round(now - created, 1),
                 "expires_at": b.expires_at,
                 "collected": b.collected,
+                "read_error": b.read_error,
+                "read_attempts": b.read_attempts,
+                "proven": b.proven,
                 **figures.get(b.id, {}),
                 "job_summary": summaries.get(b.job),
             }
@@ -177,6 +182,15 @@ def _request_errors(store: Store) -> dict[str, dict[str, Any]]:
 
 
 def _batch_error(b: BatchRow) -> dict[str, Any] | None:
+    if b.read_error and not b.collected:  # finished, results not readable yet: fetched again by `collect`
+        why = b.read_error.removeprefix(f"batch {b.id}: ")
+        return {"reason": "results not read", "count": b.total, "message": f"{b.read_attempts} collect(s): {why}"}
+    if not b.proven:
+        return {
+            "reason": "adopted by time and size",
+            "count": b.total,
+            "message": "not proven ours yet: never cancelled; used only if its results are this shard's",
+        }
     if b.errors:  # a batch refused as a whole (validation, quota)
         first = b.errors[0]
         return {

@@ -2,30 +2,46 @@
 
 Tables: jobs (one per --job), files (job, file_name -> custom_id or skip reason), requests (one row per
 custom_id: state, batch, reply, extracted prompt, usage, cost), shards (JSONL files and their submit
-intents), batches (provider batches and their last known status), superseded (tokens and cost of paid
-answers that were asked again).
+intents), batches (provider batches and their last known status, why their results could not be read, whether
+an adopted one is proven ours), superseded (tokens and cost of paid answers that were asked again),
+foreign_batches (batches matched by time and size that proved not to be ours: never adopted again).
+
+The store is checked before it is trusted (a directory, a regular SQLite file of a known schema, writable), and
+every SQLite failure (disk full, read-only, corrupt) leaves it as one StoreError naming the path.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
+import inspect
 import json
 import os
 import sqlite3
+import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlite_utils import Database
 from sqlite_utils.db import NotFoundError, Table
 
-from hipbatch.errors import StoreLocked
+from hipbatch import __version__
+from hipbatch.errors import NoState, StoreError, StoreLocked, disk_error
 from hipbatch.migrations import migrations
 from hipbatch.poll import wait_until
-from hipbatch.records import RETRYABLE, BatchInfo, BatchRow, JobRow, RequestState, ShardRow, ShardState
+from hipbatch.records import (
+    RETRYABLE,
+    BatchInfo,
+    BatchRow,
+    JobRow,
+    RequestState,
+    ShardRow,
+    ShardState,
+)
 
 _IN_FLIGHT = (RequestState.PENDING, RequestState.SUBMITTED)
 _ANSWERED = "state NOT IN (?, ?)"  # takes _IN_FLIGHT
@@ -56,6 +72,162 @@ class TokenRates:
     input_includes_cache: bool = False
 
 
+# ---- checks before the store is trusted, and SQLite failures as one line --------------------------------------
+
+DB_NAME = "hipbatch.db"
+QUICK_CHECK_MAX_BYTES = 8 << 20  # stores up to this size get a full quick_check (about 10 ms); all, the size check
+_S = TypeVar("_S")
+
+
+def no_state_message(state_dir: Path) -> str:
+    """What a read-only command says when the state dir holds no store."""
+    return f"no hipbatch state in {state_dir} (run `hipbatch submit DIR` first, or pass --state-dir)"
+
+
+def _store_message(path: Path, e: sqlite3.Error) -> str:
+    text = str(e)
+    low = text.lower()
+    if "full" in low:
+        return (
+            f"{path}: the disk is full ({text}); free some space and run the same command again "
+            "(everything committed before this write is kept)"
+        )
+    if "readonly" in low or "read-only" in low:
+        return f"{path} is read-only ({text}): make the file and its folder writable, then run the command again"
+    if "not a database" in low:
+        return f"{path} is not a SQLite database (not a hipbatch store): move it away or pass another --state-dir"
+    if "malformed" in low or "corrupt" in low:
+        return (
+            f"{path} is not a usable hipbatch store ({text}): restore it from a backup, or move it away and use "
+            "another --state-dir (a new store would send, and pay for, every request again)"
+        )
+    if "disk i/o" in low:
+        return f"{path}: disk I/O error ({text}); check the disk, then run the same command again"
+    if "unable to open" in low:
+        return f"{path}: cannot open the store ({text}); check that its folder exists and is writable"
+    return f"{path}: {text}"
+
+
+@contextmanager
+def sqlite_errors(path: Path) -> Iterator[None]:
+    """SQLite failures of the store (disk full, read-only, corrupt, I/O) -> one StoreError naming the path.
+    Integrity and programming errors are bugs and pass through."""
+    try:
+        yield
+    except sqlite3.OperationalError as e:
+        raise StoreError(_store_message(path, e)) from e
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.InterfaceError):
+            raise
+        raise StoreError(_store_message(path, e)) from e
+    except OSError as e:
+        problem = disk_error(e)
+        if problem is None:
+            raise
+        raise problem from e
+
+
+def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isgeneratorfunction(fn):
+
+        @functools.wraps(fn)
+        def streamed(self: Store, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            with sqlite_errors(self.path):
+                yield from fn(self, *args, **kwargs)
+
+        return streamed
+
+    @functools.wraps(fn)
+    def call(self: Store, *args: Any, **kwargs: Any) -> Any:
+        with sqlite_errors(self.path):
+            return fn(self, *args, **kwargs)
+
+    return call
+
+
+def _guarded(cls: type[_S]) -> type[_S]:
+    """Every public method of the store reports SQLite failures as a StoreError (see sqlite_errors)."""
+    for name, fn in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.isfunction(fn):
+            setattr(cls, name, _guard(fn))
+    return cls
+
+
+def _check_dir(state_dir: Path, create: bool) -> None:
+    """The state dir is a directory (made when `create`); NoState when it is missing and may not be made."""
+    if state_dir.exists() and not state_dir.is_dir():
+        raise StoreError(f"state dir {state_dir} is not a directory: pass --state-dir (or HIPBATCH_STATE_DIR) a folder")
+    if state_dir.is_dir():
+        return
+    if not create:
+        raise NoState(no_state_message(state_dir))
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the state dir {state_dir}: {e.strerror or e}; pass another --state-dir") from e
+
+
+def _check_writable(state_dir: Path) -> None:
+    """A file can be made in the state dir (the lock, the WAL, shards): checked by making one."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=state_dir, prefix=".hipbatch-write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise StoreError(
+            f"state dir {state_dir} is not writable ({e.strerror or e}): make it writable or pass another --state-dir"
+        ) from e
+
+
+def check_db_file(path: Path) -> None:
+    """The store file is a regular, non-empty, writable file, or StoreError saying what it is instead.
+
+    Only stat() here: opening and closing the file would drop the POSIX locks SQLite connections of this
+    process hold on it (SQLite's "how to corrupt a database", 2.2). What is inside is checked through SQLite.
+    """
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory, not a hipbatch store: move it away or pass another --state-dir")
+    if not path.is_file():
+        raise StoreError(f"{path} is not a regular file: move it away or pass another --state-dir")
+    if path.stat().st_size == 0:
+        raise StoreError(
+            f"{path} is empty (0 bytes), not a hipbatch store: if this state dir never held a run, delete the file; "
+            "otherwise its ledger is lost: restore it from a backup (starting again would send, and pay for, every "
+            "request again)"
+        )
+    if not os.access(path, os.W_OK):
+        raise StoreError(f"{path} is read-only: make it writable, then run the command again")
+
+
+def _check_whole(db: Database, path: Path) -> None:
+    """The file holds every page its header counts (unless a WAL holds pages not yet written back)."""
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size:
+        return
+    page_size = int(db.execute("PRAGMA page_size").fetchone()[0])
+    pages = int(db.execute("PRAGMA page_count").fetchone()[0])
+    size = path.stat().st_size
+    if size < page_size * pages:
+        raise StoreError(f"{path} is truncated ({size:,} bytes of {page_size * pages:,}): restore it from a backup")
+
+
+def _check_schema(db: Database, path: Path) -> None:
+    """Refuse a store a newer hipbatch wrote (a migration this one does not know) or, when small enough to check
+    quickly, one whose pages do not hold together."""
+    _check_whole(db, path)
+    known = [m.name for m in migrations._migrations]
+    unknown = [m.name for m in migrations.applied(db) if m.name not in known]
+    if unknown:
+        raise StoreError(
+            f"{path} was written by a newer hipbatch: its schema has migration {unknown[-1]}, which hipbatch "
+            f"{__version__} does not know (it knows up to {known[-1]}); upgrade hipbatch to use this state dir"
+        )
+    if path.stat().st_size <= QUICK_CHECK_MAX_BYTES:
+        problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise StoreError(f"{path} is corrupt ({problems[0]}): restore it from a backup")
+
+
 def lock_timeout() -> float:
     """Seconds a command waits for another one on the same state dir (HIPBATCH_LOCK_TIMEOUT, default 600)."""
     return float(os.environ.get("HIPBATCH_LOCK_TIMEOUT", "600"))
@@ -71,7 +243,10 @@ class StateLock:
     def acquire(self, timeout: float | None = None) -> None:
         """Take the lock, waiting up to `timeout` seconds (default: HIPBATCH_LOCK_TIMEOUT, else 600)."""
         timeout = lock_timeout() if timeout is None else timeout
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StoreError(f"cannot take the lock {self.path}: {e.strerror or e}") from e
 
         def take() -> bool:
             try:
@@ -103,24 +278,68 @@ class StateLock:
             self.release()
 
 
+@_guarded
 class Store:
     """The ledger of jobs, files, requests, shards and batches."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, create: bool = True) -> None:
+        """Open the state dir's store, checked first; with create (commands that send), make it if missing."""
         self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True)
+        self.path = state_dir / DB_NAME
+        _check_dir(state_dir, create)
         self.lock = StateLock(state_dir)
-        conn = sqlite3.connect(state_dir / "hipbatch.db", timeout=60, isolation_level=None, check_same_thread=False)
-        self._db = Database(conn, execute_plugins=False)  # no plugin scan: 50 ms off every command start
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
-        self._db.execute("PRAGMA busy_timeout=60000")
+        if not self.path.exists() and not self.path.is_symlink():
+            if not create:
+                raise NoState(no_state_message(state_dir))
+            _check_writable(state_dir)
+            self._create_fresh()
+        else:
+            check_db_file(self.path)
+            _check_writable(state_dir)
+        with sqlite_errors(self.path):
+            self._db = self._connect(self.path)
+            _check_schema(self._db, self.path)
+            if migrations.pending(self._db):  # read-only check: an up-to-date store needs no lock to open
+                with self.lock.held():
+                    migrations.apply(self._db)
+
+    @classmethod
+    def open_existing(cls, state_dir: Path) -> Store:
+        """The store of a state dir that must already hold one (read-only commands): nothing is created,
+        NoState when there is none."""
+        return cls(state_dir, create=False)
+
+    @staticmethod
+    def _connect(path: Path) -> Database:
+        conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        db = Database(conn, execute_plugins=False)  # no plugin scan: 50 ms off every command start
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
+        db.execute("PRAGMA busy_timeout=60000")
         # A bounded page cache (32 MB, not proportional to the store) so bulk updates in random order stay
         # in memory within one transaction instead of re-reading and re-writing pages.
-        self._db.execute("PRAGMA cache_size=-32768")
-        if migrations.pending(self._db):  # read-only check: an up-to-date store needs no lock to open
-            with self.lock.held():
-                migrations.apply(self._db)
+        db.execute("PRAGMA cache_size=-32768")
+        return db
+
+    def _create_fresh(self) -> None:
+        """A new store appears whole or not at all: migrated in a temp file under the lock, then renamed into
+        place, so a store file is never empty or half made (an empty one is refused as a lost ledger). The temp
+        file uses a rollback journal, not WAL: each commit is then in the file itself (a WAL checkpoint that a
+        full disk stops at close would leave the renamed file without its last pages)."""
+        tmp = self.path.with_name(DB_NAME + ".new")
+        with self.lock.held(), sqlite_errors(tmp):
+            if self.path.exists():
+                return  # another command made it while this one waited for the lock
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                tmp.with_name(tmp.name + suffix).unlink(missing_ok=True)
+            db = Database(sqlite3.connect(tmp, isolation_level=None), execute_plugins=False)
+            try:
+                db.execute("PRAGMA journal_mode=DELETE")
+                db.execute("PRAGMA synchronous=FULL")
+                migrations.apply(db)
+            finally:
+                db.close()
+            os.replace(tmp, self.path)
 
     def read_mapped(self) -> None:
         """Read pages straight from the OS cache, for commands that aggregate the whole ledger (status):
@@ -135,7 +354,7 @@ class Store:
 
     @contextmanager
     def atomic(self) -> Iterator[None]:
-        with self._db.atomic():
+        with sqlite_errors(self.path), self._db.atomic():  # a failed commit (disk full) is a StoreError too
             yield
 
     # ---- jobs and files -------------------------------------------------------------------------
@@ -525,8 +744,10 @@ class Store:
         self._table("shards").update(shard_id, fields)
 
     def attach_batch(self, shard: ShardRow, info: BatchInfo, adopted: bool = False) -> None:
-        """Record the provider batch of a shard and mark its requests submitted, in one transaction."""
+        """Record the provider batch of a shard and mark its requests submitted, in one transaction.
+        info.proven False (matched by time and size only) records it as tentative; a proven row stays proven."""
         now = time.time()
+        before = self._get("batches", info.id)
         row = {
             "id": info.id,
             "shard_id": shard.id,
@@ -537,6 +758,7 @@ class Store:
             "counts_final_only": int(info.counts_final_only),
             "created_at": info.created_at or now,
             "adopted": int(adopted),
+            "proven": int(info.proven or bool(before and before.get("proven"))),
         }
         with self._db.atomic():
             self._table("batches").upsert(row, pk="id")
@@ -611,8 +833,10 @@ class Store:
 
     def live_work(self, job: str, file_names: Sequence[str]) -> Iterator[dict[str, Any]]:
         """Requests of these files that have no good answer and that no batch holds or may hold:
-        pending in a shard never sent (queued), or in a retryable state. For live mode."""
-        retryable = list(RETRYABLE)
+        pending in a shard never sent (queued), or in a retryable state. For live mode. `missing` requests are
+        left out: their answers may have been paid for (results gone), so only `retry --only missing --yes`
+        sends them again."""
+        retryable = [s for s in RETRYABLE if s is not RequestState.MISSING]
         for chunk in _chunks(file_names, 500):
             sql = (
                 "SELECT f.file_name AS file_name, r.custom_id AS custom_id, r.state AS state, "
@@ -646,15 +870,54 @@ class Store:
         return [_batch_row(r) for r in rows]
 
     def known_batch_ids(self) -> set[str]:
-        return {r[0] for r in self._db.execute("SELECT id FROM batches")}
+        """Ids of every batch this store holds, and of those it found not to be its own (never adopted)."""
+        return {r[0] for r in self._db.execute("SELECT id FROM batches UNION SELECT id FROM foreign_batches")}
 
     def update_batch(self, info: BatchInfo) -> None:
         self._table("batches").update(
             info.id, {**_batch_columns(info), "finished_at": time.time() if info.is_final else None}
         )
 
-    def mark_collected(self, batch_id: str) -> None:
-        self._table("batches").update(batch_id, {"collected": 1})
+    def mark_collected(self, batch_id: str, note: str | None = None) -> None:
+        """The batch's results are in the ledger (`note`: why some could not be, e.g. gone)."""
+        self._table("batches").update(batch_id, {"collected": 1, "read_error": note})
+
+    def record_read_error(self, batch_id: str, message: str) -> None:
+        """A collect could not read the batch's results: it stays uncollected, `status` shows why."""
+        self._db.execute(
+            "UPDATE batches SET read_error = ?, read_attempts = coalesce(read_attempts, 0) + 1 WHERE id = ?",
+            [message, batch_id],
+        )
+
+    def prove_batch(self, batch_id: str) -> None:
+        """A batch adopted by time and size returned this shard's custom_ids: it is ours."""
+        self._table("batches").update(batch_id, {"proven": 1})
+
+    def release_batch(self, batch_id: str, reason: str) -> int:
+        """A batch adopted by time and size whose results are not this shard's: forget it (its id is kept in
+        foreign_batches, so it is never adopted again), put its shard back in the queue and its requests back to
+        pending, the attempt not counted, in one transaction. Returns the requests put back."""
+        row = self.batch(batch_id)
+        if row is None:
+            return 0
+        now = time.time()
+        with self._db.atomic():
+            self._table("foreign_batches").upsert(
+                {"id": batch_id, "provider": row.provider, "shard_id": row.shard_id, "released_at": now,
+                 "reason": reason},
+                pk="id",
+            )  # fmt: skip
+            n = self._db.execute(
+                "UPDATE requests SET state = ?, batch_id = NULL, attempts = max(attempts - 1, 0), updated_at = ? "
+                "WHERE batch_id = ? AND state = ?",
+                [RequestState.PENDING, now, batch_id, RequestState.SUBMITTED],
+            ).rowcount
+            self._db.execute(
+                "UPDATE shards SET state = ?, batch_id = NULL, file_id = NULL, updated_at = ? WHERE id = ?",
+                [ShardState.QUEUED, now, row.shard_id],
+            )
+            self._db.execute("DELETE FROM batches WHERE id = ?", [batch_id])
+        return int(n)
 
     def shard_size(self, shard_id: int) -> tuple[int, int]:
         """(requests, estimated input tokens) of one shard, (0, 0) if it is unknown."""
@@ -983,6 +1246,9 @@ def _batch_row(row: dict[str, Any]) -> BatchRow:
         errors=json.loads(row["errors"]) if row["errors"] else [],
         collected=bool(row["collected"]),
         adopted=bool(row["adopted"]),
+        read_error=row.get("read_error"),
+        read_attempts=int(row.get("read_attempts") or 0),
+        proven=bool(row.get("proven", 1)),
     )
 
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hipbatch import poll
-from hipbatch.errors import AmbiguousSubmit, HipbatchError, ProviderError, TransientError
+from hipbatch.errors import AmbiguousSubmit, AuthFailed, HipbatchError, ProviderError, TransientError
 from hipbatch.poll import Sleep
 from hipbatch.progress import NullProgress, Progress
 from hipbatch.providers import Provider
@@ -40,6 +40,7 @@ class FeedReport:
     ambiguous: list[str] = field(default_factory=list)  # shards refused without --force (AmbiguousSubmit)
     errors: list[str] = field(default_factory=list)  # provider calls that failed after retries
     duplicates_cancelled: list[str] = field(default_factory=list)  # extra batches found for one shard
+    tentative: list[str] = field(default_factory=list)  # adopted by time and size only, proven at collect
 
 
 def feed(
@@ -89,6 +90,8 @@ def _send_reported(
         _send(store, adapters, shard, report, force, sleep)
     except AmbiguousSubmit as e:
         report.ambiguous.append(str(e))
+    except AuthFailed:
+        raise  # every later call would be refused too: the command ends, the shard stays as it was
     except TransientError as e:
         down.add(shard.provider)
         report.errors.append(f"shard {shard.name}: {e} (left as it was; rerun to continue)")
@@ -116,12 +119,16 @@ def _send(store: Store, adapters: Adapters, shard: ShardRow, report: FeedReport,
         if found is not None:
             store.attach_batch(shard, found, adopted=True)
             report.adopted.append(found.id)
+            if not found.proven:
+                report.tentative.append(found.id)
             return
         if shard.state == ShardState.AMBIGUOUS and not force:
             raise AmbiguousSubmit(ambiguous_message(shard))
     info = _create(store, provider, shard, force, sleep, report)
     store.attach_batch(shard, info)
     report.created.append(info.id)
+    if not info.proven:  # found after a create whose answer was lost: likely ours, perhaps another state dir's
+        report.tentative.append(info.id)
 
 
 class _FileNotVisible(ProviderError):
@@ -174,8 +181,10 @@ def look_for_batch(
 
     With a tag the batch carries (OpenAI metadata) the shard is named exactly; should a create have happened
     twice, the earliest batch is adopted and the others are cancelled before they are billed. Without
-    (Anthropic), a single unknown batch of the same size created after the intent is adopted; several are
-    ambiguous: the shard is marked so and refused until --force (which submits it again).
+    (Anthropic), a single unknown batch of the same size created after the intent is adopted only tentatively
+    (proven False: it may be another state dir's on the same account): never cancelled, and used at collect only
+    if its results are the shard's requests. Several are ambiguous: the shard is marked so and refused until
+    --force (which submits it again).
     """
     since = float(shard.intent_at or shard.created_at)
     if not provider.has_metadata:
@@ -185,11 +194,13 @@ def look_for_batch(
     candidates = [b for b in found if b.id not in known]
     if not candidates:
         return None
-    if provider.has_metadata or len(candidates) == 1:
+    if provider.has_metadata:
         candidates.sort(key=lambda b: (b.created_at or 0, b.id))
         for extra in candidates[1:]:
             _cancel_duplicate(provider, shard, extra, sleep, report)
         return candidates[0]
+    if len(candidates) == 1:
+        return replace(candidates[0], proven=False)  # matched by time and size: tentative until its results come
     if force:
         return None
     store.update_shard(shard.id, state=ShardState.AMBIGUOUS)

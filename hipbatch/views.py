@@ -71,6 +71,10 @@ class Out:
     def warn(self, message: str) -> None:
         err(f"Warning: {message}")
 
+    def notice(self, message: str) -> None:
+        """A line shown even with --json (stderr): why there is nothing to show."""
+        err(message[:1].upper() + message[1:] + ("" if message.endswith(".") else "."))
+
     def error(self, message: str) -> None:
         err(f"Error: {message}")
 
@@ -114,6 +118,11 @@ class Out:
             return
         if fed.adopted:
             err(f"Adopted {len(fed.adopted)} batch(es) created by an interrupted run: {', '.join(fed.adopted)}")
+        if fed.tentative:
+            err(
+                f"  matched by creation time and size only: {', '.join(fed.tentative)} (never cancelled; used only "
+                "if its results are the shard's requests, else released and the shard sent again)"
+            )
         if fed.created:
             err(f"Created {len(fed.created)} batch(es): {', '.join(fed.created)}")
         elif prep is not None and prep.new == 0 and not fed.adopted:
@@ -152,6 +161,12 @@ class Out:
             )
         elif reason == "deadline":
             err(f"Stopped waiting after {timeout}s; {last.unfinished} batch(es) still running.")
+        if last.stuck:
+            err(
+                "Some finished batches could not be read (see the warnings above): their requests stay submitted "
+                "and are never sent again; `hipbatch status` shows why, and the next `hipbatch collect` fetches "
+                "them again."
+            )
 
     def collect_summary(self, summary: dict[str, Any], spent: dict[str, Any] | None) -> None:
         if not summary["written"]:  # said even with --json: the user expected a new file
@@ -206,6 +221,11 @@ class Out:
 
     def retried(self, report: RetryReport, max_attempts: int | None, state_dir: Path | None = None) -> None:
         fed = report.feed
+        if report.missing_left and not self.quiet:
+            err(
+                f"{report.missing_left} `missing` request(s) were not resent: the provider no longer has their "
+                "results, so they may be paid for already; `hipbatch retry --only missing --yes` sends them."
+            )
         if not self.quiet:
             picked = ", ".join(f"{k} {v}" for k, v in sorted(report.selected.items())) or "none"
             err(f"Requests to send again: {report.requests} ({picked}) in {len(report.shards)} new shard(s).")
@@ -241,6 +261,11 @@ class Out:
                 err(f"Already finished, nothing to cancel: {batch_id}")
             if report.adopted:
                 err(f"Found {len(report.adopted)} batch(es) of an interrupted submit: {', '.join(report.adopted)}")
+            for batch_id in report.unproven:
+                err(
+                    f"Not cancelled: {batch_id} was matched by creation time and size only and may be another "
+                    "state dir's batch on this account; `collect` checks it against its shard when it ends."
+                )
             if report.unqueued_shards:
                 err(
                     f"Took {report.unqueued_shards} shard(s) ({report.unqueued_requests} requests) out of the "
@@ -252,7 +277,12 @@ class Out:
                     "sends the rest again."
                 )
             if not (
-                report.cancelled or report.already_final or report.adopted or report.unqueued_shards or report.errors
+                report.cancelled
+                or report.already_final
+                or report.adopted
+                or report.unqueued_shards
+                or report.errors
+                or report.unproven
             ):
                 err("Nothing to cancel: no unfinished batch and nothing queued.")
         for line in report.errors:

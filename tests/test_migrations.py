@@ -12,7 +12,9 @@ def test_an_empty_store_migrates_to_the_current_schema(tmp_path: Path) -> None:
     Store(tmp_path / "state").close()
     db = ledger_db(tmp_path / "state")
     applied = [r["name"] for r in db.table("_sqlite_migrations").rows_where(order_by="id")]
-    assert applied[:3] == ["m001_initial", "m002_status_covering_indexes", "m003_superseded_answers"]
+    assert applied[:4] == [
+        "m001_initial", "m002_status_covering_indexes", "m003_superseded_answers", "m004_batch_read_errors",
+    ]  # fmt: skip
     assert db.table("jobs").columns_dict == {
         "name": str, "provider": str, "model": str, "input_dir": str, "template_dir": str, "output_file": str,
         "created_at": float, "updated_at": float,
@@ -28,10 +30,32 @@ def test_an_empty_store_migrates_to_the_current_schema(tmp_path: Path) -> None:
         db.table("shards").columns_dict
     )
     assert {"id", "shard_id", "status", "is_final", "collected", "adopted"} <= set(db.table("batches").columns_dict)
+    batches = db.table("batches").columns_dict
+    assert (batches["read_error"], batches["read_attempts"], batches["proven"]) == (str, int, int)
+    assert db.table("foreign_batches").columns_dict == {
+        "id": str, "provider": str, "shard_id": int, "released_at": float, "reason": str,
+    }  # fmt: skip
     assert db.table("superseded").columns_dict["cost_usd"] is float
     indexes = {tuple(i.columns) for i in db.table("requests").indexes}
     assert ("job", "state", "is_current", "cost_usd", "est_cost_usd") in indexes  # m005 replaced m002's
     assert ("state", "batch_id", "error_code") in indexes
+
+
+def test_m004_marks_uncollected_anthropic_adoptions_tentative(tmp_path: Path) -> None:
+    from hipbatch.migrations import migrations
+
+    (tmp_path / "old").mkdir()
+    db = ledger_db(tmp_path / "old")  # a store as hipbatch left it before m004
+    migrations.apply(db, stop_before="m004_batch_read_errors")
+    for i, (provider, adopted, collected) in enumerate(
+        [("anthropic", 1, 0), ("anthropic", 1, 1), ("anthropic", 0, 0), ("openai", 1, 0)]
+    ):
+        db.table("batches").insert(
+            {"id": f"b{i}", "shard_id": i, "provider": provider, "adopted": adopted, "collected": collected}
+        )
+    migrations.apply(db)
+    rows = {r["id"]: (r["proven"], r["read_attempts"]) for r in db.table("batches").rows}
+    assert rows == {"b0": (0, 0), "b1": (1, 0), "b2": (1, 0), "b3": (1, 0)}
 
 
 def test_opening_again_applies_nothing(tmp_path: Path) -> None:

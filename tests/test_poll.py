@@ -93,6 +93,20 @@ def test_give_up_and_no_wait() -> None:
     assert fn.calls["n"] == 2 and clock.slept == [0.0]
 
 
+def test_a_deadline_cuts_the_back_off_and_stops_the_tries() -> None:
+    fake = FakeClock()
+    deadline = fake.t + 1.0
+    fn = failing(100, TransientError("malformed line"))
+    policy = poll.policy(poll.DOWNLOAD, fake.sleep, left=poll.time_left(deadline, fake.clock()))
+    with pytest.raises(TransientError):
+        for attempt in policy:
+            with attempt:
+                fn()
+    assert fake.t <= deadline + 1e-9  # no wait runs past the deadline
+    assert fn.calls["n"] < poll.DOWNLOAD.attempts  # and the tries stop when it passes
+    assert poll.time_left(None) is None
+
+
 def test_gate_pause_grows_with_the_streak_and_respects_retry_after() -> None:
     assert poll.gate_pause(1, None, rng=lambda: 0.5) == 0.25
     assert poll.gate_pause(3, None, rng=lambda: 0.5) == 1.0

@@ -99,7 +99,8 @@ def test_report_while_batches_are_running(openai_env: LocalBatchServer, hip_dir:
 
 
 def test_report_needs_a_known_job(openai_env: LocalBatchServer, tmp_path: Path) -> None:
-    assert cli("report", code=2).stderr.startswith("Error: no jobs in ")
+    assert cli("report", code=2).stderr.startswith("Error: no hipbatch state in ")  # and nothing created
+    assert not Path("state").exists()
     cli("submit", make_hip_dir(tmp_path / "a", 2), "--job", "a")
     cli("submit", make_hip_dir(tmp_path / "b", 2, start=50), "--job", "b")
     assert "--job is needed" in cli("report", code=2).stderr

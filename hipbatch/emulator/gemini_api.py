@@ -93,6 +93,7 @@ class StoredFile:
     mime_type: str
     created_at: float
     source: str = "UPLOADED"
+    fault_key: str | None = None  # a job's responses file: "gemini:<job order>", for the download faults
 
     def obj(self, base: str) -> dict[str, Any]:
         """The File resource."""
@@ -159,12 +160,18 @@ class Job:
     counts: dict[str, int] = field(default_factory=dict)
 
     @property
+    def fault_key(self) -> str:
+        """Which job this is for the seeded download-fault fraction."""
+        return f"gemini:{self.order}"
+
+    @property
     def unfinished(self) -> bool:
         """Still queued against the enqueued-token quota."""
         return self.state not in FINAL_STATES and self.fail_error is None
 
-    def obj(self) -> dict[str, Any]:
-        """The job as an Operation, metadata a GenerateContentBatch (zero counts left out, as proto3 JSON does)."""
+    def obj(self, hide_output: bool = False) -> dict[str, Any]:
+        """The job as an Operation, metadata a GenerateContentBatch (zero counts left out, as proto3 JSON does);
+        `hide_output`: the "no_output" download fault (a finished job that names no responses file)."""
         total = len(self.lines)
         done = self.counts.get("ok", 0) + self.counts.get("failed", 0)
         stats = {
@@ -186,7 +193,7 @@ class Job:
         }
         if self.ended_at is not None:
             meta["endTime"] = rfc3339(self.ended_at)
-        if self.output_file:
+        if self.output_file and not hide_output:
             meta["output"] = {"responsesFile": f"files/{self.output_file}"}
         op: dict[str, Any] = {"name": f"batches/{self.id}", "metadata": meta}
         if self.state in FINAL_STATES:
@@ -372,7 +379,7 @@ class GeminiBackend:
             raise GoogleError(
                 400, "Only generated files can be downloaded; uploaded files cannot.", "FAILED_PRECONDITION"
             )
-        return Reply(body=stored.data, content_type="application/octet-stream")
+        return Reply(body=stored.data, content_type="application/octet-stream", fault_key=stored.fault_key)
 
     # ---- batch jobs ----------------------------------------------------------------------------------------
 
@@ -471,7 +478,17 @@ class GeminiBackend:
         with self.core.lock:
             job = self._job(call.params[0])
             self._advance(job)
-            return json_reply(job.obj())
+            return json_reply(self._shown(job, count=True))
+
+    def _shown(self, job: Job, count: bool = False) -> dict[str, Any]:
+        """The job as a client sees it now; a retrieve (`count`) is one "no_output" injection."""
+        faults = self.core.faults
+        hidden = (
+            job.state in FINAL_STATES
+            and job.output_file is not None
+            and bool((faults.draw if count else faults.peek)(("no_output",), job.id, job.fault_key))
+        )
+        return job.obj(hide_output=hidden)
 
     def list_batches(self, call: Call) -> Reply:
         """GET /v1beta/batches (pageSize, pageToken), newest first; listing never advances a job."""
@@ -481,7 +498,7 @@ class GeminiBackend:
             raise GoogleError(400, f"Invalid page token {token!r}.")
         start = int(token)
         with self.core.lock:
-            items = [self.jobs[jid].obj() for jid in reversed(self.job_order) if jid in self.jobs]
+            items = [self._shown(self.jobs[jid]) for jid in reversed(self.job_order) if jid in self.jobs]
         page: dict[str, Any] = {}
         if items[start : start + size]:
             page["operations"] = items[start : start + size]
@@ -558,7 +575,7 @@ class GeminiBackend:
         if out:
             stored = StoredFile(
                 id=f"batch-{job.id}", data=jsonl(out), display_name=f"{job.id}-responses.jsonl",
-                mime_type="application/jsonl", created_at=now(), source="GENERATED",
+                mime_type="application/jsonl", created_at=now(), source="GENERATED", fault_key=job.fault_key,
             )  # fmt: skip
             self.files[stored.id] = stored
             job.output_file = stored.id

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the SDK takes ~1 s to import: only calls that reach the provider load it
     import anthropic
 
-from hipbatch.errors import ProviderError, TransientError
-from hipbatch.providers.base import AdapterBase, connection_error, iter_jsonl, status_error
+from hipbatch.errors import ProviderError, ResultsGone, TransientError, UnreadableResults
+from hipbatch.providers.base import AdapterBase, connection_error, iter_jsonl, status_error, transport_errors
 from hipbatch.records import BatchInfo, Outcome, Result
 
 FINISH = {"max_tokens": "length", "refusal": "refusal", "model_context_window_exceeded": "length"}
@@ -36,6 +36,8 @@ def translate(what: str) -> Iterator[None]:
         raise
     except (anthropic.AnthropicError, json.JSONDecodeError) as e:
         raise TransientError(f"{what}: {e}") from e
+    except transport_errors() as e:  # raised while the results stream (a cut download)
+        raise TransientError(f"{what}: {type(e).__name__}: {e}") from e
 
 
 class Adapter(AdapterBase):
@@ -84,14 +86,14 @@ class Adapter(AdapterBase):
 
     def create(self, path: Path, file_id: str | None, tag: dict[str, str]) -> BatchInfo:
         requests = list(iter_jsonl(path))
-        with translate(f"create batch for {path.name}"):
+        with self.guard(f"create batch for {path.name}"):
             batch = self.client.messages.batches.create(requests=requests)  # type: ignore[arg-type]
         return _info(batch)
 
     def find(self, tag: dict[str, str], since: float, n_requests: int) -> list[BatchInfo]:
         # No metadata on Message Batches: a candidate is one created after the intent with the same size.
         found = []
-        with translate("list batches"):
+        with self.guard("list batches"):
             for batch in self.client.messages.batches.list(limit=100):
                 created = batch.created_at.timestamp()
                 if created < since - 600:
@@ -103,21 +105,29 @@ class Adapter(AdapterBase):
         return found
 
     def status(self, batch_id: str) -> BatchInfo:
-        with translate(f"status of {batch_id}"):
+        with self.guard(f"status of {batch_id}"):
             return _info(self.client.messages.batches.retrieve(batch_id))
 
     def ping(self) -> None:
         self.client.messages.batches.list(limit=1)
 
     def download(self, info: BatchInfo, dest: Path) -> int:
+        with self.guard(f"status of {info.id}"):
+            batch = self.client.messages.batches.retrieve(info.id)
+        if batch.archived_at is not None:
+            raise ResultsGone(f"results of {info.id}: the batch was archived, its results are no longer available")
+        if not batch.results_url:
+            raise UnreadableResults(f"results of {info.id}: the batch has {batch.processing_status}, no results yet")
         lines = 0
-        with translate(f"results of {info.id}"), dest.open("w", encoding="utf-8") as out:
+        with self.guard(f"results of {info.id}", gone_on_404=True), dest.open("w", encoding="utf-8") as out:
             decoder = self.client.messages.batches.results(info.id)
             try:
                 for item in decoder:
                     out.write(json.dumps(item.model_dump(mode="json", exclude_unset=True), ensure_ascii=False))
                     out.write("\n")
                     lines += 1
+            except json.JSONDecodeError as e:  # the SDK parses each line as it streams: name the line
+                raise UnreadableResults(f"results of {info.id}: line {lines + 1} is not valid JSON ({e})") from e
             finally:
                 decoder.close()  # the SDK leaves the response open on a decode error
         return lines
@@ -150,7 +160,7 @@ class Adapter(AdapterBase):
         return Result(custom_id, Outcome.ERRORED, error_code="unknown_result", error_message=str(kind))
 
     def cancel(self, batch_id: str) -> BatchInfo:
-        with translate(f"cancel {batch_id}"):
+        with self.guard(f"cancel {batch_id}"):
             return _info(self.client.messages.batches.cancel(batch_id))
 
     def live(self, line: dict[str, Any]) -> Result:
@@ -158,7 +168,7 @@ class Adapter(AdapterBase):
         # (temperature in 2.14), so everything beyond the required three travels as extra_body.
         params = dict(line["params"])
         required = {k: params.pop(k) for k in ("model", "max_tokens", "messages") if k in params}
-        with translate("message"):
+        with self.guard("message"):
             message = self.client.messages.create(**required, extra_body=params or None)
         return _parse_message(str(line["custom_id"]), message.model_dump(mode="json"))
 

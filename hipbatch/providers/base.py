@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from hipbatch.errors import MissingKey, ProviderError, TransientError, Unreachable, UsageError
+from hipbatch.errors import AuthFailed, MissingKey, ProviderError, ResultsGone, TransientError, Unreachable, UsageError
 from hipbatch.records import BatchInfo, Result
 
 #: provider -> (its SDK's default base URL, the variable that changes it)
@@ -143,6 +143,23 @@ class AdapterBase:
     def translate(what: str) -> AbstractContextManager[None]:
         raise NotImplementedError  # each adapter maps its SDK's exceptions
 
+    @contextmanager
+    def guard(self, what: str, gone_on_404: bool = False) -> Iterator[None]:
+        """translate(what), naming this adapter's key variable in an AuthFailed; with gone_on_404 (a results
+        download of a finished batch), a 404 is ResultsGone: the provider no longer has them."""
+        try:
+            with self.translate(what):
+                yield
+        except AuthFailed as e:
+            e.key_env = self.settings.key_env
+            raise
+        except ProviderError as e:
+            if gone_on_404 and e.status_code == 404:
+                gone = ResultsGone(f"{e}: the provider no longer has these results")
+                gone.status_code = 404
+                raise gone from e
+            raise
+
     def check_key(self) -> None:
         self.settings.api_key()
 
@@ -150,7 +167,7 @@ class AdapterBase:
         """UsageError if the provider does not know the model, or if the base URL reaches no batch API; a
         warning (returned) when the server has no model route, so the name cannot be checked there."""
         try:
-            with self.translate(f"model {model}"):
+            with self.guard(f"model {model}"):
                 self.client.models.retrieve(model)
         except Unreachable as e:
             raise UsageError(self.unreachable(e)) from None
@@ -246,7 +263,7 @@ def connection_error(what: str, e: Any) -> TransientError:
 
 
 def status_error(what: str, e: Any) -> ProviderError:
-    """An SDK's APIStatusError (both SDKs share its shape) -> TransientError or ProviderError."""
+    """An SDK's APIStatusError (both SDKs share its shape) -> TransientError, AuthFailed or ProviderError."""
     body = e.body
     inner = body.get("error", body) if isinstance(body, dict) else None
     message = str(inner["message"]) if isinstance(inner, dict) and inner.get("message") else str(e.message)
@@ -255,8 +272,8 @@ def status_error(what: str, e: Any) -> ProviderError:
     if status in (408, 409, 429) or status >= 500:
         err = TransientError(f"{what}: HTTP {status}: {message}")
         err.retry_after = retry_after_of(e.response.headers)
-    elif status == 401:
-        err = ProviderError(f"{what}: the provider rejected the API key (HTTP 401): {message}")
+    elif status in (401, 403):
+        return AuthFailed(what, status, message)
     else:
         err = ProviderError(f"{what}: HTTP {status}: {message}")
     err.status_code = status
@@ -283,6 +300,14 @@ def line_id(line: Any) -> str | None:
         return None
     value = line.get("custom_id", line.get("key"))
     return value if isinstance(value, str) else None
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """The HTTP library's errors that the SDKs let through while a body streams (a cut download is an
+    httpx2.RemoteProtocolError, not an SDK error): worth retrying."""
+    import httpx2
+
+    return (httpx2.RequestError, httpx2.StreamError)
 
 
 def iter_jsonl(path: Path) -> Iterator[dict[str, Any]]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the SDK takes ~0.5 s to import: only calls that reach the provider load it
     from google import genai
 
-from hipbatch.errors import MissingKey, ProviderError, TransientError, UsageError
+from hipbatch.errors import AuthFailed, MissingKey, ProviderError, ResultsGone, TransientError, UsageError
 from hipbatch.providers.base import AdapterBase, ProviderSettings, retry_after_of
 from hipbatch.records import BatchInfo, Outcome, Result
 
@@ -91,7 +91,7 @@ def api_error(what: str, e: Any, key_env: str = DEFAULT_KEY_ENV) -> ProviderErro
         asked = retry_after_of(headers) if headers is not None else None
         err.retry_after = asked if asked is not None else retry_delay_of(getattr(e, "details", None))
     elif code in (401, 403) or _bad_key(e):
-        err = ProviderError(f"{what}: the provider rejected the API key in {key_env} ({label}): {message}")
+        return AuthFailed(what, code if code in (401, 403) else 401, f"{label}: {message}", key_env)
     else:
         err = ProviderError(f"{what}: {label}: {message}")
     err.status_code = code
@@ -302,8 +302,15 @@ class Adapter(AdapterBase):
         if not info.output_file_id:
             dest.write_bytes(b"")
             return 0
-        with self._translate(f"download {info.output_file_id}"):
-            self.client.files.download(file=info.output_file_id, destination=str(dest))
+        try:
+            with self._translate(f"download {info.output_file_id}"):
+                self.client.files.download(file=info.output_file_id, destination=str(dest))
+        except ProviderError as e:
+            if e.status_code != 404:
+                raise
+            gone = ResultsGone(f"{e}: the provider no longer has these results")  # retry --only missing --yes
+            gone.status_code = 404
+            raise gone from e
         lines, last = 0, b"\n"
         with dest.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 16), b""):

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # the SDK takes ~1 s to import: only calls that reach the provider load it
     import openai
 
-from hipbatch.errors import ProviderError
-from hipbatch.providers.base import AdapterBase, connection_error, status_error
+from hipbatch.errors import ProviderError, TransientError
+from hipbatch.providers.base import AdapterBase, connection_error, status_error, transport_errors
 from hipbatch.records import BatchInfo, Outcome, Result
 
 FINAL = frozenset({"completed", "failed", "expired", "cancelled"})
@@ -31,6 +31,8 @@ def translate(what: str) -> Iterator[None]:
         raise status_error(what, e) from e
     except openai.OpenAIError as e:
         raise ProviderError(f"{what}: {e}") from e
+    except transport_errors() as e:  # raised while a streamed body is read (a cut download)
+        raise TransientError(f"{what}: {type(e).__name__}: {e}") from e
 
 
 class Adapter(AdapterBase):
@@ -82,12 +84,12 @@ class Adapter(AdapterBase):
         return model, params, system, user
 
     def upload(self, path: Path) -> str | None:
-        with translate(f"upload {path.name}"), path.open("rb") as fh:
+        with self.guard(f"upload {path.name}"), path.open("rb") as fh:
             return self.client.files.create(file=(path.name, fh), purpose="batch").id
 
     def create(self, path: Path, file_id: str | None, tag: dict[str, str]) -> BatchInfo:
         assert file_id is not None
-        with translate(f"create batch for {path.name}"):
+        with self.guard(f"create batch for {path.name}"):
             batch = self.client.batches.create(
                 input_file_id=file_id,
                 endpoint=self.endpoint,  # type: ignore[arg-type]
@@ -98,7 +100,7 @@ class Adapter(AdapterBase):
 
     def find(self, tag: dict[str, str], since: float, n_requests: int) -> list[BatchInfo]:
         found = []
-        with translate("list batches"):
+        with self.guard("list batches"):
             for batch in self.client.batches.list(limit=100):
                 if batch.created_at < since - 600:
                     break  # newest first: everything after is older than the intent
@@ -108,7 +110,7 @@ class Adapter(AdapterBase):
         return found
 
     def status(self, batch_id: str) -> BatchInfo:
-        with translate(f"status of {batch_id}"):
+        with self.guard(f"status of {batch_id}"):
             return _info(self.client.batches.retrieve(batch_id))
 
     def ping(self) -> None:
@@ -121,7 +123,7 @@ class Adapter(AdapterBase):
                 if not file_id:
                     continue
                 with (
-                    translate(f"download {file_id}"),
+                    self.guard(f"download {file_id}", gone_on_404=True),
                     self.client.files.with_streaming_response.content(file_id) as response,
                 ):
                     last = b"\n"
@@ -158,11 +160,11 @@ class Adapter(AdapterBase):
         return Result(custom_id, outcome, error_code=code, error_message=str(error.get("message") or "")[:2000])
 
     def cancel(self, batch_id: str) -> BatchInfo:
-        with translate(f"cancel {batch_id}"):
+        with self.guard(f"cancel {batch_id}"):
             return _info(self.client.batches.cancel(batch_id))
 
     def live(self, line: dict[str, Any]) -> Result:
-        with translate("chat completion"):
+        with self.guard("chat completion"):
             completion = self.client.chat.completions.create(**line["body"])
         return _parse_completion(str(line["custom_id"]), completion.model_dump(mode="json"))
 
