@@ -23,7 +23,7 @@ from hipbatch import cost
 from hipbatch.config import load_config
 from hipbatch.emulator import fake_model
 from hipbatch.emulator.openai_api import _result_line, chat_completion_body
-from hipbatch.records import BatchInfo
+from hipbatch.records import BatchInfo, ShardRow
 from hipbatch.render import load_template
 from hipbatch.store import Store
 
@@ -48,7 +48,7 @@ def _name(i: int) -> str:
     return f"d{i // 1000:04d}/k{i:07d}.hip"
 
 
-def _fill(store: Store, job: str, n: int, per_shard: int, salt: str) -> list[tuple[dict[str, Any], int]]:
+def _fill(store: Store, job: str, n: int, per_shard: int, salt: str) -> list[tuple[ShardRow, int]]:
     """n requests of job in shards of per_shard, each in a provider batch; returns (shard, first index)."""
     template = load_template(REPO / "templates" / "default")
     store.upsert_job(job, provider="openai", model=MODEL, input_dir="/nonexistent", template_dir=str(template.path))
@@ -130,9 +130,9 @@ def collect_state(n: int) -> Path:
     results.mkdir(parents=True, exist_ok=True)
     template = load_template(REPO / "templates" / "default")
     for k, (shard, start) in enumerate(shards):
-        batch_id = shard["batch_id"]
+        batch_id = shard.batch_id
         lines = []
-        for i in range(start, start + int(shard["n_requests"])):
+        for i in range(start, start + shard.n_requests):
             system, user = template.render(SMALL_KERNEL.format(i=i), _name(i))
             answer = fake_model.reply(system, user, 1024, forms="tag")
             lines.append(
@@ -172,10 +172,10 @@ def status_state(n: int) -> Path:
                 "input_tokens": 1500,
                 "output_tokens": 200,
             }
-            for j, cid in enumerate(sorted(store.batch_request_ids(shard["batch_id"])))
+            for j, cid in enumerate(sorted(store.batch_request_ids(shard.batch_id)))
         ]
         store.save_results(rows, keep_success=False)
-        store.mark_collected(shard["batch_id"])
+        store.mark_collected(shard.batch_id)
     cost.settle(store, cost.load_prices(load_config(None)))  # as collect does: the cost of the answers
     store.close()
     (root / ".complete").write_text("ok")

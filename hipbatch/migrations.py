@@ -260,3 +260,54 @@ def m006_extraction_method(db: Database) -> None:
     # comma-joined): `collect` counts them, `report` lists them, `collect --strict` turns suspects into failures.
     db.table("requests").add_column("method", str)
     db.table("requests").add_column("suspect", str)
+
+
+#: request_stats' key: what status, collect's summary and the cost ledger group requests by ('' stands for NULL,
+#: so the key can be unique).
+STATS_KEY = ("job", "provider", "model", "via", "batch_id", "state", "error_code", "method")
+#: request_stats' sums: (column, its sum's type); cost_usd and est_cost_usd also count their non-NULL values.
+STATS_SUMS = (
+    ("cost_usd", float),
+    ("est_cost_usd", float),
+    ("input_tokens", int),
+    ("output_tokens", int),
+    ("cache_read_tokens", int),
+    ("cache_write_tokens", int),
+)
+
+
+def stats_select(where: str = "1") -> str:
+    """A SELECT of request_stats' rows (key, n, sums, counts) aggregated from the requests `where` selects; its
+    first parameter is the sign (1 to add the rows, -1 to take them away)."""
+    key = ", ".join(f"coalesce({k}, '')" for k in STATS_KEY)
+    sums = ", ".join(f"?1 * total({c})" if kind is float else f"?1 * coalesce(sum({c}), 0)" for c, kind in STATS_SUMS)
+    return (
+        f"SELECT {key}, ?1 * count(*), {sums}, ?1 * count(cost_usd), ?1 * count(est_cost_usd) FROM requests "
+        f"WHERE {where} GROUP BY {', '.join(str(i + 1) for i in range(len(STATS_KEY)))}"
+    )
+
+
+def stats_columns() -> str:
+    return ", ".join([*STATS_KEY, "n", *(c for c, _ in STATS_SUMS), "n_cost_usd", "n_est_cost_usd"])
+
+
+@migrations()
+def m007_request_stats(db: Database) -> None:
+    # Counts and sums of the requests per job, model, batch, state, error code and extraction method, kept by the
+    # store's writers in the same transaction as each change: `status`, collect's summary and the cost ledger
+    # read a few hundred rows instead of every request (their cost no longer grows with the requests). The
+    # covering index status read before is dropped (one index less to keep on every recorded answer); requests
+    # that no file points at any more (superseded) are read through a partial index, as they are few.
+    key = ", ".join(f"{k} TEXT NOT NULL" for k in STATS_KEY)
+    sums = ", ".join(f"{c} {'REAL' if kind is float else 'INTEGER'} NOT NULL DEFAULT 0" for c, kind in STATS_SUMS)
+    db.execute(
+        f"CREATE TABLE request_stats ({key}, n INTEGER NOT NULL DEFAULT 0, {sums}, "
+        "n_cost_usd INTEGER NOT NULL DEFAULT 0, n_est_cost_usd INTEGER NOT NULL DEFAULT 0, "
+        f"PRIMARY KEY ({', '.join(STATS_KEY)}))"
+    )
+    db.execute(f"INSERT INTO request_stats ({stats_columns()}) {stats_select()}", [1])
+    db.execute("DROP INDEX IF EXISTS idx_requests_job_state_is_current_cost_usd_est_cost_usd")
+    db.execute(
+        "CREATE INDEX idx_requests_superseded ON requests (job, state, error_code, cost_usd, est_cost_usd) "
+        "WHERE is_current = 0"
+    )

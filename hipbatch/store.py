@@ -31,7 +31,7 @@ from sqlite_utils.db import NotFoundError, Table
 
 from hipbatch import __version__
 from hipbatch.errors import NoState, StoreError, StoreLocked, disk_error
-from hipbatch.migrations import migrations
+from hipbatch.migrations import STATS_KEY, migrations, stats_columns, stats_select
 from hipbatch.poll import wait_until
 from hipbatch.records import (
     RETRYABLE,
@@ -439,6 +439,7 @@ class Store:
                 for row in chunk:
                     row.update(shard_id=shard_id, state=RequestState.PENDING, created_at=now, updated_at=now)
                 self._table("requests").insert_all(chunk, pk="custom_id", batch_size=CHUNK, ignore=True)
+            self._stats_add(1, "shard_id = ?", [shard_id])  # a new shard: its rows are the ones just added
         return shard_id
 
     def supersede_answers(self, custom_ids: Sequence[str]) -> int:
@@ -456,11 +457,12 @@ class Store:
                     f"cache_read_tokens, cache_write_tokens, cost_usd, answered_at, ? FROM requests WHERE {where}",
                     [now, *chunk],
                 ).rowcount
-                self._db.execute(
-                    "UPDATE requests SET input_tokens = 0, output_tokens = 0, cache_read_tokens = 0, "
-                    f"cache_write_tokens = 0, cost_usd = NULL WHERE {where}",
-                    list(chunk),
-                )
+                with self._counted(f"custom_id IN ({','.join('?' * len(chunk))})", chunk):
+                    self._db.execute(
+                        "UPDATE requests SET input_tokens = 0, output_tokens = 0, cache_read_tokens = 0, "
+                        f"cache_write_tokens = 0, cost_usd = NULL WHERE {where}",
+                        list(chunk),
+                    )
         return moved
 
     def move_requests_to_shard(
@@ -482,19 +484,21 @@ class Store:
             shard_id = int(table.last_pk)  # type: ignore[arg-type]
             for chunk in _chunks(custom_ids, 900):
                 marks = ",".join("?" * len(chunk))
-                self._db.execute(
-                    f"UPDATE requests SET shard_id = ?, batch_id = NULL, state = ?, updated_at = ? "
-                    f"WHERE custom_id IN ({marks})",
-                    [shard_id, RequestState.PENDING, now, *chunk],
-                )
+                with self._counted(f"custom_id IN ({marks})", chunk):
+                    self._db.execute(
+                        f"UPDATE requests SET shard_id = ?, batch_id = NULL, state = ?, updated_at = ? "
+                        f"WHERE custom_id IN ({marks})",
+                        [shard_id, RequestState.PENDING, now, *chunk],
+                    )
             for new_id, old_id in (renewed or {}).items():
-                self._db.execute(
-                    "INSERT OR IGNORE INTO requests (custom_id, job, file_name, provider, model, endpoint, state, "
-                    "shard_id, attempts, est_input_tokens, max_tokens, created_at, updated_at) SELECT ?, job, "
-                    "file_name, provider, model, endpoint, ?, ?, 0, est_input_tokens, coalesce(?, max_tokens), ?, ? "
-                    "FROM requests WHERE custom_id = ?",
-                    [new_id, RequestState.PENDING, shard_id, max_tokens, now, now, old_id],
-                )
+                with self._counted("custom_id = ?", [new_id]):
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO requests (custom_id, job, file_name, provider, model, endpoint, "
+                        "state, shard_id, attempts, est_input_tokens, max_tokens, created_at, updated_at) SELECT ?, "
+                        "job, file_name, provider, model, endpoint, ?, ?, 0, est_input_tokens, "
+                        "coalesce(?, max_tokens), ?, ? FROM requests WHERE custom_id = ?",
+                        [new_id, RequestState.PENDING, shard_id, max_tokens, now, now, old_id],
+                    )
                 # The files table's triggers mark the old request superseded (is_current = 0).
                 self._db.execute("UPDATE files SET custom_id = ? WHERE custom_id = ?", [new_id, old_id])
         return shard_id
@@ -539,7 +543,7 @@ class Store:
         guard = " AND (state != ? OR ? = ?)" if keep_success else ""
         if from_batch is not None:
             guard += " AND (batch_id = ? OR ? = ?)"
-        for chunk in _chunks(rows):
+        for chunk in _chunks(rows, 900):  # 900: the custom_ids fit in one IN (...) for request_stats
             # Rows with the same columns share one statement, run with executemany: no per-row round trip.
             groups: dict[tuple[str, ...], list[list[Any]]] = {}
             for row in chunk:
@@ -552,7 +556,8 @@ class Store:
                 if from_batch is not None:
                     args += [from_batch, row.get("state"), RequestState.SUCCEEDED]
                 groups.setdefault(cols, []).append(args)
-            with self._db.atomic():
+            ids = list({row["custom_id"] for row in chunk})
+            with self._counted(f"custom_id IN ({','.join('?' * len(ids))})", ids):
                 for cols, many in groups.items():
                     sets = ", ".join(f"{c} = ?" for c in cols)
                     self._db.conn.executemany(f"UPDATE requests SET {sets} WHERE custom_id = ?{guard}", many)
@@ -575,7 +580,14 @@ class Store:
         for chunk in _chunks(rows):
             n = self._stage(chunk, n, groups, staged)
         if groups:
-            self._apply_staged(groups, "state" in staged, keep_success, from_batch)
+            # request_stats: the batch's requests are counted again after; rows of other requests (a line of an
+            # older batch read again) are taken away and added back.
+            where, args = ("batch_id IS NOT ?", [from_batch]) if from_batch is not None else ("1", [])
+            scope = self._scope(f"rowid IN (SELECT rid FROM temp.hb_staged) AND {where}", args)
+            with self._counted(scope):
+                self._apply_staged(groups, "state" in staged, keep_success, from_batch)
+            if from_batch is not None:
+                self._recount_batch(from_batch)
             self._db.conn.execute("DROP TABLE temp.hb_staged")
         return n
 
@@ -647,11 +659,14 @@ class Store:
 
     def mark_unanswered(self, batch_id: str, state: str, message: str) -> int:
         """Requests of a batch still waiting on it after its results were read get `state`."""
-        cur = self._db.execute(
-            "UPDATE requests SET state = ?, error_code = ?, error_message = ?, updated_at = ? "
-            "WHERE batch_id = ? AND state = ?",
-            [state, state, message, time.time(), batch_id, RequestState.SUBMITTED],
-        )
+        with self._db.atomic():
+            cur = self._db.execute(
+                "UPDATE requests SET state = ?, error_code = ?, error_message = ?, updated_at = ? "
+                "WHERE batch_id = ? AND state = ?",
+                [state, state, message, time.time(), batch_id, RequestState.SUBMITTED],
+            )
+            if cur.rowcount:
+                self._recount_batch(batch_id)
         return int(cur.rowcount)
 
     def stored_replies(self, job: str | None = None) -> Iterator[dict[str, Any]]:
@@ -686,12 +701,23 @@ class Store:
 
     def request_counts(self, job: str | None = None) -> dict[str, int]:
         """Current requests (those a file points at: what the dataset holds) per state."""
-        sql = "SELECT state, count(*) FROM requests WHERE is_current = 1 {} GROUP BY state"
-        if job:
-            rows = self._db.execute(sql.format("AND job = ?"), [job]).fetchall()
-        else:
-            rows = self._db.execute(sql.format("")).fetchall()
-        return dict(rows)
+        counts = self._current_counts(job, "state")
+        return {st: n for (st,), n in counts.items() if n}
+
+    def _current_counts(self, job: str | None, *columns: str) -> dict[tuple[str, ...], int]:
+        """Current requests per `columns` (request_stats, less the superseded ones); '' stands for NULL."""
+        where, args = ("WHERE job = ?", [job]) if job else ("", [])
+        cols = ", ".join(columns)
+        groups = ", ".join(str(i + 1) for i in range(len(columns)))
+        counts = {
+            tuple(key): int(n)
+            for *key, n in self._db.execute(
+                f"SELECT {cols}, sum(n) FROM request_stats {where} GROUP BY {groups}", args
+            ).fetchall()
+        }
+        for _, *key, n, _c, _nc, _e, _ne in self._superseded_by(job, *columns):
+            counts[tuple(key)] = counts.get(tuple(key), 0) - int(n)
+        return counts
 
     def superseded_count(self, job: str | None = None) -> int:
         """Old requests no file points at any more (a changed or removed file, a retry with new max_tokens)."""
@@ -711,15 +737,13 @@ class Store:
         return [dict(r) for r in self._db.query(sql, args)]
 
     def failure_reasons(self, job: str | None = None) -> dict[str, int]:
-        sql = (
-            "SELECT state || CASE WHEN error_code IS NOT NULL AND error_code != state "
-            "THEN ':' || error_code ELSE '' END, count(*) FROM requests WHERE state NOT IN (?, ?, ?) "
-            "AND is_current = 1 {} GROUP BY 1 ORDER BY 2 DESC"
-        )
-        args = [RequestState.SUCCEEDED, RequestState.PENDING, RequestState.SUBMITTED]
-        if job:
-            return dict(self._db.execute(sql.format("AND job = ?"), [*args, job]).fetchall())
-        return dict(self._db.execute(sql.format(""), args).fetchall())
+        """Current requests with no good answer per reason (state, or state:error_code), most common first."""
+        reasons: dict[str, int] = {}
+        for (state, code), n in self._current_counts(job, "state", "error_code").items():
+            if n and state not in (RequestState.SUCCEEDED, RequestState.PENDING, RequestState.SUBMITTED):
+                reason = state if not code or code == state else f"{state}:{code}"
+                reasons[reason] = reasons.get(reason, 0) + n
+        return dict(sorted(reasons.items(), key=lambda item: (-item[1], item[0])))
 
     # ---- shards ---------------------------------------------------------------------------------
 
@@ -763,16 +787,17 @@ class Store:
         with self._db.atomic():
             self._table("batches").upsert(row, pk="id")
             self.update_shard(shard.id, state=ShardState.SUBMITTED, batch_id=info.id)
-            self._db.execute(
-                "UPDATE requests SET state = ?, batch_id = ?, attempts = attempts + 1, updated_at = ? "
-                "WHERE shard_id = ? AND state = ?",
-                [RequestState.SUBMITTED, info.id, now, shard.id, RequestState.PENDING],
-            )
+            with self._counted("shard_id = ?", [shard.id]):
+                self._db.execute(
+                    "UPDATE requests SET state = ?, batch_id = ?, attempts = attempts + 1, updated_at = ? "
+                    "WHERE shard_id = ? AND state = ?",
+                    [RequestState.SUBMITTED, info.id, now, shard.id, RequestState.PENDING],
+                )
 
     def requeue_shard(self, shard_id: int, batch_id: str) -> None:
         """A batch refused for quota goes back to the queue: its requests are pending again, uncounted."""
         now = time.time()
-        with self._db.atomic():
+        with self._db.atomic(), self._counted(self._scope("batch_id = ?", [batch_id])):
             self._db.execute(
                 "UPDATE requests SET state = ?, batch_id = NULL, attempts = max(attempts - 1, 0), "
                 "updated_at = ? WHERE batch_id = ? AND state = ?",
@@ -811,20 +836,21 @@ class Store:
             n = 0
             for chunk in _chunks(ids, 500):
                 marks = ",".join("?" * len(chunk))
-                n += int(
-                    self._db.execute(
-                        f"UPDATE requests SET state = ?, error_code = ?, error_message = ?, updated_at = ? "
-                        f"WHERE state = ? AND shard_id IN ({marks})",
-                        [
-                            RequestState.CANCELED,
-                            RequestState.CANCELED,
-                            "cancelled before it was sent",
-                            now,
-                            RequestState.PENDING,
-                            *chunk,
-                        ],
-                    ).rowcount
-                )
+                with self._counted(f"shard_id IN ({marks})", chunk):
+                    n += int(
+                        self._db.execute(
+                            f"UPDATE requests SET state = ?, error_code = ?, error_message = ?, updated_at = ? "
+                            f"WHERE state = ? AND shard_id IN ({marks})",
+                            [
+                                RequestState.CANCELED,
+                                RequestState.CANCELED,
+                                "cancelled before it was sent",
+                                now,
+                                RequestState.PENDING,
+                                *chunk,
+                            ],
+                        ).rowcount
+                    )
                 self._db.execute(
                     f"UPDATE shards SET state = ?, updated_at = ? WHERE id IN ({marks})",
                     [ShardState.CANCELED, now, *chunk],
@@ -907,11 +933,12 @@ class Store:
                  "reason": reason},
                 pk="id",
             )  # fmt: skip
-            n = self._db.execute(
-                "UPDATE requests SET state = ?, batch_id = NULL, attempts = max(attempts - 1, 0), updated_at = ? "
-                "WHERE batch_id = ? AND state = ?",
-                [RequestState.PENDING, now, batch_id, RequestState.SUBMITTED],
-            ).rowcount
+            with self._counted(self._scope("batch_id = ?", [batch_id])):
+                n = self._db.execute(
+                    "UPDATE requests SET state = ?, batch_id = NULL, attempts = max(attempts - 1, 0), "
+                    "updated_at = ? WHERE batch_id = ? AND state = ?",
+                    [RequestState.PENDING, now, batch_id, RequestState.SUBMITTED],
+                ).rowcount
             self._db.execute(
                 "UPDATE shards SET state = ?, batch_id = NULL, file_id = NULL, updated_at = ? WHERE id = ?",
                 [ShardState.QUEUED, now, row.shard_id],
@@ -969,59 +996,71 @@ class Store:
         return [(p, m, int(n), int(t), int(o)) for p, m, n, t, o in rows]
 
     def unsettled_groups(self) -> list[tuple[str, str, bool, bool, bool]]:
-        """(provider, model, live, needs an estimate, needs a cost) for requests whose money is not set yet."""
+        """(provider, model, live, needs an estimate, needs a cost) for requests whose money is not set yet (from
+        request_stats: rows counted with fewer costs than requests)."""
+        marks = ",".join("?" * len(_IN_FLIGHT))
         rows = self._db.execute(
-            f"SELECT provider, model, coalesce(via, 'batch') = 'live', est_cost_usd IS NULL, "
-            f"cost_usd IS NULL AND {_ANSWERED} FROM requests WHERE est_cost_usd IS NULL OR (cost_usd IS NULL AND "
-            f"{_ANSWERED}) GROUP BY 1, 2, 3, 4, 5",
+            "SELECT nullif(provider, ''), nullif(model, ''), coalesce(nullif(via, ''), 'batch') = 'live', "
+            f"max(n_est_cost_usd < n), max(state NOT IN ({marks}) AND n_cost_usd < n) FROM request_stats "
+            "GROUP BY 1, 2, 3 HAVING max(n_est_cost_usd < n) OR max(state NOT IN "
+            f"({marks}) AND n_cost_usd < n)",
             [*_IN_FLIGHT, *_IN_FLIGHT],
         ).fetchall()
         return [(p, m, bool(live), bool(e), bool(c)) for p, m, live, e, c in rows]
 
     def fill_estimated_costs(self, provider: str, model: str, ratio: float, rates: TokenRates) -> int:
         """est_cost_usd (worst case: calibrated input at the worst input price, max_tokens of output) where NULL."""
-        cur = self._db.execute(
-            "UPDATE requests SET est_cost_usd = (est_input_tokens * ? * ? + max_tokens * ?) * ? / 1e6 "
-            "WHERE provider = ? AND model = ? AND est_cost_usd IS NULL",
-            [ratio, max(rates.input, rates.cache_write), rates.output, rates.factor, provider, model],
-        )
-        return max(cur.rowcount, 0)
+        value = "(est_input_tokens * ? * ? + max_tokens * ?) * ? / 1e6"
+        value_args = [ratio, max(rates.input, rates.cache_write), rates.output, rates.factor]
+        return self._fill("est_cost_usd", value, value_args, "provider = ? AND model = ? AND est_cost_usd IS NULL",
+                          [provider, model])  # fmt: skip
 
     def fill_costs(self, provider: str, model: str, live: bool, rates: TokenRates) -> int:
         """cost_usd from the token columns of answered requests where it is NULL."""
-        cur = self._db.execute(
-            "UPDATE requests SET cost_usd = ((input_tokens - ? * cache_read_tokens) * ? "
-            "+ cache_read_tokens * ? + cache_write_tokens * ? + output_tokens * ?) * ? / 1e6 "
-            "WHERE provider = ? AND model = ? AND (coalesce(via, 'batch') = 'live') = ? "
-            f"AND cost_usd IS NULL AND {_ANSWERED}",
-            [
-                int(rates.input_includes_cache),
-                rates.input,
-                rates.cache_read,
-                rates.cache_write,
-                rates.output,
-                rates.factor,
-                provider,
-                model,
-                live,
-                *_IN_FLIGHT,
-            ],
+        value = (
+            "((input_tokens - ? * cache_read_tokens) * ? + cache_read_tokens * ? + cache_write_tokens * ? "
+            "+ output_tokens * ?) * ? / 1e6"
         )
+        value_args = [int(rates.input_includes_cache), rates.input, rates.cache_read, rates.cache_write]
+        value_args += [rates.output, rates.factor]
+        where = (
+            f"provider = ? AND model = ? AND (coalesce(via, 'batch') = 'live') = ? AND cost_usd IS NULL AND {_ANSWERED}"
+        )
+        return self._fill("cost_usd", value, value_args, where, [provider, model, live, *_IN_FLIGHT])
+
+    def _fill(self, column: str, value: str, value_args: list[Any], where: str, where_args: list[Any]) -> int:
+        """SET column = value WHERE where, with request_stats' sum of the column (and its count) moved alike: the
+        rows keep their key, so one pass before the update adds what it will set."""
+        keys = ", ".join(STATS_KEY)
+        key = ", ".join(f"coalesce({k}, '') AS {k}" for k in STATS_KEY)
+        with self._db.atomic():
+            self._db.execute(
+                f"INSERT INTO request_stats ({keys}, {column}, n_{column}) SELECT {keys}, total(v), count(v) FROM "
+                f"(SELECT {key}, {value} AS v FROM requests WHERE {where}) WHERE true GROUP BY {keys} "
+                f"ON CONFLICT ({keys}) DO UPDATE SET {column} = {column} + excluded.{column}, "
+                f"n_{column} = n_{column} + excluded.n_{column}",
+                [*value_args, *where_args],
+            )
+            cur = self._db.execute(f"UPDATE requests SET {column} = {value} WHERE {where}", [*value_args, *where_args])
         return max(cur.rowcount, 0)
 
     def ledger_sums(self, job: str | None = None) -> list[tuple[Any, ...]]:
         """Per (job, provider, model): requests, input, output, cache read, cache write tokens, sum of cost_usd,
-        answered requests with a cost, answered requests, worst case of the requests still in flight."""
+        answered requests with a cost, answered requests, worst case of the requests still in flight (from
+        request_stats)."""
         where, args = ("WHERE job = ?", [job]) if job else ("", [])
         marks = ",".join("?" * len(_IN_FLIGHT))
         sql = (
-            "SELECT job, provider, model, count(*), coalesce(sum(input_tokens), 0), "
-            "coalesce(sum(output_tokens), 0), coalesce(sum(cache_read_tokens), 0), "
-            f"coalesce(sum(cache_write_tokens), 0), sum(cost_usd), sum(cost_usd IS NOT NULL AND state NOT IN "
-            f"({marks})), sum(state NOT IN ({marks})), sum(CASE WHEN state IN ({marks}) THEN est_cost_usd END) "
-            f"FROM requests {where} GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+            "SELECT nullif(job, ''), nullif(provider, ''), nullif(model, ''), sum(n), sum(input_tokens), "
+            "sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens), "
+            "CASE WHEN sum(n_cost_usd) > 0 THEN total(cost_usd) END, "
+            f"sum(CASE WHEN state NOT IN ({marks}) THEN n_cost_usd ELSE 0 END), "
+            f"sum(CASE WHEN state NOT IN ({marks}) THEN n ELSE 0 END), "
+            f"CASE WHEN sum(CASE WHEN state IN ({marks}) THEN n_est_cost_usd ELSE 0 END) > 0 THEN "
+            f"total(CASE WHEN state IN ({marks}) THEN est_cost_usd END) END "
+            f"FROM request_stats {where} GROUP BY job, provider, model HAVING sum(n) > 0 ORDER BY 1, 2, 3"
         )
-        return self._db.execute(sql, [*_IN_FLIGHT, *_IN_FLIGHT, *_IN_FLIGHT, *args]).fetchall()
+        return self._db.execute(sql, [*_IN_FLIGHT * 4, *args]).fetchall()
 
     def superseded_sums(self, job: str | None = None) -> list[tuple[Any, ...]]:
         """(job, provider, model, live, input, output, cache read, cache write, cost) of answers paid for and
@@ -1062,8 +1101,8 @@ class Store:
         """Good answers per extraction method (tag, fenced, label, json, whole)."""
         where, args = ("AND job = ?", [job]) if job else ("", [])
         rows = self._db.execute(
-            f"SELECT coalesce(method, 'unknown'), count(*) FROM requests WHERE state = ? {where} GROUP BY 1 "
-            "ORDER BY 2 DESC, 1",
+            f"SELECT coalesce(nullif(method, ''), 'unknown'), sum(n) FROM request_stats WHERE state = ? {where} "
+            "GROUP BY 1 HAVING sum(n) > 0 ORDER BY 2 DESC, 1",
             [RequestState.SUCCEEDED, *args],
         ).fetchall()
         return {m: int(n) for m, n in rows}
@@ -1105,37 +1144,59 @@ class Store:
 
     def fail_suspects(self, job: str, overlong: float) -> int:
         """--strict: a job's suspicious kept prompts become extraction_failed (retryable), naming why."""
-        cur = self._db.execute(
-            "UPDATE requests SET state = ?, error_code = 'suspect', error_message = 'suspect: ' || "
-            "coalesce(suspect, 'overlong'), updated_at = ? WHERE job = ? AND state = ? "
-            "AND (suspect IS NOT NULL OR length(prompt) > ?)",
-            [RequestState.EXTRACTION_FAILED, time.time(), job, RequestState.SUCCEEDED, overlong],
-        )
+        where = "job = ? AND state = ? AND (suspect IS NOT NULL OR length(prompt) > ?)"
+        with self._db.atomic(), self._counted(self._scope(where, [job, RequestState.SUCCEEDED, overlong])):
+            cur = self._db.execute(
+                "UPDATE requests SET state = ?, error_code = 'suspect', error_message = 'suspect: ' || "
+                f"coalesce(suspect, 'overlong'), updated_at = ? WHERE {where}",
+                [RequestState.EXTRACTION_FAILED, time.time(), job, RequestState.SUCCEEDED, overlong],
+            )
         return max(cur.rowcount, 0)
 
     # ---- status and report aggregates -------------------------------------------------------------
 
     def job_state_sums(self, job: str | None = None) -> list[tuple[str, str, bool, int, float, int, float, int]]:
         """Per (job, state, current or superseded): requests, total cost, requests with a cost, total worst case,
-        requests with one. A GROUP BY over the covering index (job, state, is_current, cost_usd, est_cost_usd):
-        no table reads."""
+        requests with one. From request_stats (a few rows per batch), less the superseded requests (few, read
+        through their partial index): no cost that grows with the requests."""
         where, args = ("WHERE job = ?", [job]) if job else ("", [])
         rows = self._db.execute(
-            "SELECT job, state, is_current, count(*), total(cost_usd), count(cost_usd), total(est_cost_usd), "
-            f"count(est_cost_usd) FROM requests {where} GROUP BY job, state, is_current",
+            "SELECT job, state, sum(n), total(cost_usd), sum(n_cost_usd), total(est_cost_usd), sum(n_est_cost_usd) "
+            f"FROM request_stats {where} GROUP BY job, state",
             args,
         ).fetchall()
-        return [(j, s, bool(c), int(n), float(t), int(nc), float(e), int(ne)) for j, s, c, n, t, nc, e, ne in rows]
+        old = {(j, st): rest for j, st, *rest in self._superseded_by(job, "state")}
+        out = []
+        for j, st, n, cost, n_cost, est, n_est in rows:
+            o_n, o_cost, o_nc, o_est, o_ne = old.pop((j, st), (0, 0.0, 0, 0.0, 0))
+            if n - o_n:
+                out.append((j, st, True, int(n - o_n), float(cost - o_cost), int(n_cost - o_nc), float(est - o_est),
+                            int(n_est - o_ne)))  # fmt: skip
+            if o_n:
+                out.append((j, st, False, int(o_n), float(o_cost), int(o_nc), float(o_est), int(o_ne)))
+        return out
+
+    def _superseded_by(self, job: str | None, *columns: str) -> list[tuple[Any, ...]]:
+        """(job, *columns, requests, cost, with a cost, worst case, with one) of the superseded requests (is_current
+        0: no file points at them), grouped by job and columns, through their partial index."""
+        where, args = ("AND job = ?", [job]) if job else ("", [])
+        cols = "".join(f", coalesce({c}, '')" for c in columns)
+        groups = ", ".join(str(i + 1) for i in range(len(columns) + 1))
+        return self._db.execute(
+            f"SELECT coalesce(job, ''){cols}, count(*), total(cost_usd), count(cost_usd), total(est_cost_usd), "
+            f"count(est_cost_usd) FROM requests WHERE is_current = 0 {where} GROUP BY {groups}",
+            args,
+        ).fetchall()
 
     def batch_failure_counts(self) -> list[tuple[str, str, str | None, int]]:
-        """(batch id, state, error code, requests) of the failed requests of every batch (index-only over
-        (state, batch_id, error_code))."""
+        """(batch id, state, error code, requests) of the failed requests of every batch (from request_stats)."""
         marks = ",".join("?" * len(RETRYABLE))
-        return self._db.execute(
-            f"SELECT batch_id, state, error_code, count(*) FROM requests "
-            f"WHERE state IN ({marks}) AND batch_id IS NOT NULL GROUP BY 1, 2, 3",
+        rows = self._db.execute(
+            f"SELECT batch_id, state, error_code, sum(n) FROM request_stats WHERE state IN ({marks}) "
+            "AND batch_id != '' GROUP BY 1, 2, 3 HAVING sum(n) > 0",
             list(RETRYABLE),
         ).fetchall()
+        return [(b, st, code or None, int(n)) for b, st, code, n in rows]
 
     def failure_message(self, state: str, batch_id: str, code: str | None) -> str | None:
         """One error message of a batch's requests in this state with this code."""
@@ -1179,6 +1240,59 @@ class Store:
         )
         args = [start, span, RequestState.PENDING, start, span, *_IN_FLIGHT, *_IN_FLIGHT, start, span, job]
         yield from self._db.execute(sql, args)
+
+    # ---- request_stats: counts and sums kept with every change of the requests ------------------------
+
+    def _stats_add(self, sign: int, where: str, args: Sequence[Any] = ()) -> None:
+        """Add (sign 1) or take away (-1) the requests `where` selects to / from request_stats."""
+        keys = ", ".join(STATS_KEY)
+        sums = ", ".join(f"{c} = {c} + excluded.{c}" for c in stats_columns().split(", ")[len(STATS_KEY) :])
+        self._db.execute(
+            f"INSERT INTO request_stats ({stats_columns()}) {stats_select(where)} ON CONFLICT ({keys}) DO UPDATE SET "
+            f"{sums}",
+            [sign, *args],
+        )
+
+    @contextmanager
+    def _counted(self, where: str, args: Sequence[Any] = ()) -> Iterator[None]:
+        """Keep request_stats right across a change of the requests `where` selects: they are taken away before and
+        added back after, in one transaction. `where` must select the same rows after the change (a condition on
+        columns it does not set: custom_id, shard_id, or rowid IN temp.hb_scope after _scope())."""
+        with self._db.atomic():
+            self._stats_add(-1, where, args)
+            yield
+            self._stats_add(1, where, args)
+            self._db.execute("DELETE FROM request_stats WHERE n = 0")
+
+    def _scope(self, where: str, args: Sequence[Any] = ()) -> str:
+        """The rowids of the requests `where` selects now, kept in temp.hb_scope for _counted() (for a change
+        that moves them out of `where`); returns the condition that selects them."""
+        db = self._db.conn
+        db.execute("CREATE TEMP TABLE IF NOT EXISTS hb_scope (rid INTEGER PRIMARY KEY)")
+        db.execute("DELETE FROM temp.hb_scope")
+        db.execute(f"INSERT INTO temp.hb_scope SELECT rowid FROM requests WHERE {where}", list(args))
+        return "rowid IN (SELECT rid FROM temp.hb_scope)"
+
+    def _recount_batch(self, batch_id: str) -> None:
+        """request_stats of one batch's requests counted again from them (one pass over its index)."""
+        self._db.execute("DELETE FROM request_stats WHERE batch_id = ?", [batch_id])
+        self._stats_add(1, "batch_id = ?", [batch_id])
+
+    def rebuild_stats(self, job: str | None = None) -> None:
+        """request_stats counted again from the requests (of one job, or all): after the ledger was changed from
+        outside hipbatch, or an old store's rows were re-read (--reextract)."""
+        where, args = ("job = ?", [job]) if job else ("1", [])
+        with self._db.atomic():
+            self._db.execute(f"DELETE FROM request_stats WHERE {where}", args)
+            self._stats_add(1, where, args)
+
+    def stats_rows(self, recount: bool = False) -> list[tuple[Any, ...]]:
+        """request_stats as stored (or, with recount, as the requests give it now), sorted: for checks."""
+        if recount:
+            rows = self._db.execute(stats_select(), [1]).fetchall()
+        else:
+            rows = self._db.execute(f"SELECT {stats_columns()} FROM request_stats").fetchall()
+        return sorted(tuple(r) for r in rows)
 
     # ---- helpers --------------------------------------------------------------------------------
 

@@ -37,8 +37,16 @@ def test_an_empty_store_migrates_to_the_current_schema(tmp_path: Path) -> None:
     }  # fmt: skip
     assert db.table("superseded").columns_dict["cost_usd"] is float
     indexes = {tuple(i.columns) for i in db.table("requests").indexes}
-    assert ("job", "state", "is_current", "cost_usd", "est_cost_usd") in indexes  # m005 replaced m002's
+    # m007 replaced m005's covering index by request_stats, and reads superseded requests through a partial index
+    assert ("job", "state", "is_current", "cost_usd", "est_cost_usd") not in indexes
+    assert ("job", "state", "error_code", "cost_usd", "est_cost_usd") in indexes
     assert ("state", "batch_id", "error_code") in indexes
+    assert list(db.table("request_stats").pks) == [
+        "job", "provider", "model", "via", "batch_id", "state", "error_code", "method",
+    ]  # fmt: skip
+    assert {"n", "cost_usd", "n_cost_usd", "est_cost_usd", "n_est_cost_usd", "input_tokens"} <= set(
+        db.table("request_stats").columns_dict
+    )
 
 
 def test_m004_marks_uncollected_anthropic_adoptions_tentative(tmp_path: Path) -> None:
