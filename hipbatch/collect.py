@@ -4,10 +4,12 @@ line through the extractor into the ledger, and run the extractor again over sto
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,11 +19,11 @@ from hipbatch.errors import AuthFailed, HipbatchError, ResultsGone, TransientErr
 from hipbatch.extract import ExtractSettings, extract
 from hipbatch.progress import NullProgress, Progress, Task
 from hipbatch.providers import Provider
-from hipbatch.providers.base import iter_jsonl, line_id
+from hipbatch.providers.base import line_id
 from hipbatch.providers.registry import Adapters
 from hipbatch.records import BatchInfo, BatchRow, Outcome, RequestState, Result
 from hipbatch.status import FAILED_STATES
-from hipbatch.store import Store
+from hipbatch.store import FAILED_COLUMNS, RESULT_COLUMNS, Store
 
 if TYPE_CHECKING:
     from hipbatch.cost import Price, PriceTable
@@ -58,54 +60,46 @@ class _Extractors:
         return self._cache[job]
 
 
-def outcome_row(
-    result: Result, settings: ExtractSettings, via: str = "batch", price: Price | None = None
-) -> dict[str, Any]:
-    """The ledger columns for one result, after the extractor.
+_LOST = {
+    Outcome.ERRORED: RequestState.FAILED,
+    Outcome.EXPIRED: RequestState.EXPIRED,
+    Outcome.CANCELED: RequestState.CANCELED,
+}
+
+
+def result_row(
+    result: Result, settings: ExtractSettings, via: str = "batch", price: Price | None = None, now: float = 0.0
+) -> tuple[Any, ...]:
+    """(custom_id, full, *RESULT_COLUMNS) for one result, after the extractor (the hot loop of collect).
 
     cost_usd is set, never added, from the tokens just set: by `price` when the model's price is known (as
     cost.settle() would), else NULL for cost.settle() to fill in.
     """
-    row: dict[str, Any] = {
-        "custom_id": result.custom_id,
-        "via": via,
-        "answered_at": time.time(),
-        "input_tokens": result.input_tokens,
-        "output_tokens": result.output_tokens,
-        "cache_read_tokens": result.cache_read_tokens,
-        "cache_write_tokens": result.cache_write_tokens,
-        "error_code": result.error_code,
-        "error_message": result.error_message,
-        "cost_usd": None
-        if price is None
-        else price.cost(
-            result.input_tokens or 0,
-            result.output_tokens or 0,
-            result.cache_read_tokens or 0,
-            result.cache_write_tokens or 0,
-            live=via == "live",
-        ),
-    }
-    if result.outcome is Outcome.SUCCEEDED:
-        ex = extract(result.text, result.finish, settings)
-        row.update(
-            state=RequestState.SUCCEEDED if ex.ok else ex.reason,
-            reply_text=result.text,
-            finish=result.finish,
-            prompt=ex.prompt,
-            detail=ex.detail or None,
-            method=ex.method,
-            suspect=",".join(ex.suspects) or None,
-        )
-        if not ex.ok:
-            row.update(error_code=ex.reason, error_message=ex.detail)
-    else:
-        row["state"] = {
-            Outcome.ERRORED: RequestState.FAILED,
-            Outcome.EXPIRED: RequestState.EXPIRED,
-            Outcome.CANCELED: RequestState.CANCELED,
-        }[result.outcome]
-    return row
+    tin, tout, tcr, tcw = result.input_tokens, result.output_tokens, result.cache_read_tokens, result.cache_write_tokens
+    cost = None if price is None else price.cost(tin or 0, tout or 0, tcr or 0, tcw or 0, live=via == "live")
+    common = (via, now or time.time(), tin, tout, tcr, tcw)
+    if result.outcome is not Outcome.SUCCEEDED:
+        state = _LOST[result.outcome]
+        return (result.custom_id, 0, *common, result.error_code, result.error_message, cost, state, *_NO_REPLY)
+    ex = extract(result.text, result.finish, settings)
+    suspect = ",".join(ex.suspects) or None
+    kept = (result.text, result.finish, ex.prompt, ex.detail or None, ex.method, suspect)
+    if ex.ok:
+        return (result.custom_id, 1, *common, result.error_code, result.error_message, cost, RequestState.SUCCEEDED,
+                *kept)  # fmt: skip
+    return (result.custom_id, 1, *common, ex.reason, ex.detail, cost, ex.reason, *kept)
+
+
+_NO_REPLY = (None,) * (len(RESULT_COLUMNS) - FAILED_COLUMNS)
+
+
+def outcome_row(
+    result: Result, settings: ExtractSettings, via: str = "batch", price: Price | None = None
+) -> dict[str, Any]:
+    """result_row() as the ledger columns it sets (by name), for Store.save_results."""
+    custom_id, full, *values = result_row(result, settings, via, price)
+    width = len(RESULT_COLUMNS) if full else FAILED_COLUMNS
+    return {"custom_id": custom_id, **dict(zip(RESULT_COLUMNS[:width], values[:width], strict=True))}
 
 
 def collect_batches(
@@ -136,7 +130,9 @@ def collect_batches(
         dest = results_dir / f"{batch.id}.jsonl"
         try:
             provider = adapters.get(batch.provider)
-            ids = _fetch(store, provider, batch, dest, sleep, left, report)
+            price = prices.lookup(batch.provider, batch.model) if prices is not None else None
+            reader = _Reader(store, batch, provider, extractors(batch.job), price, progress)
+            ids = _fetch(store, provider, batch, dest, reader, sleep, left, report)
         except AuthFailed:
             raise
         except ResultsGone as e:
@@ -147,34 +143,90 @@ def collect_batches(
             report.errors.append(f"{batch.id}: results not read, batch left uncollected (requests stay submitted): {e}")
             continue
         if not batch.proven and not _owned(store, batch, ids, dest, report):
+            store.drop_staged()
             continue
-        _record(store, batch, provider, dest, extractors(batch.job), prices, progress, report)
+        _record(store, batch, reader.lines, reader.twice, report)
     return report
 
 
-def _record(
-    store: Store,
-    batch: BatchRow,
-    provider: Provider,
-    dest: Path,
-    settings: ExtractSettings,
-    prices: PriceTable | None,
-    progress: Progress,
-    report: CollectReport,
-) -> None:
-    """A checked results file into the ledger, and the batch's requests without a line by its final status."""
+def _record(store: Store, batch: BatchRow, lines: int, twice: bool, report: CollectReport) -> None:
+    """The staged results of a checked file into the ledger, and the batch's requests without a line by its final
+    status. One transaction per batch: a batch is read in whole or not at all (a killed collect reads it again)."""
     info = store.batch(batch.id) or batch
-    # One transaction per batch: a batch is read in whole or not at all (a killed collect reads it again),
-    # and SQLite writes each touched page once instead of once per chunk: results come in any order.
-    with store.atomic(), progress.task(f"collect {batch.id}", info.total) as bar:
-        if dest.exists():
-            price = prices.lookup(batch.provider, batch.model) if prices is not None else None
-            rows = _outcome_rows(dest, provider, settings, price, bar)
-            report.lines += store.save_results_staged(rows, from_batch=batch.id)
+    with store.atomic():
+        if lines:
+            store.apply_staged(from_batch=batch.id, twice=twice)
+            report.lines += lines
         leftover_state, message = _leftover(info.info())
         store.mark_unanswered(batch.id, leftover_state, message)
         store.mark_collected(batch.id)
     report.batches.append(batch.id)
+
+
+class _Reader:
+    """Reads one batch's results file in one pass: checks it whole (_Check) and stages its ledger rows
+    (Store.stage_results), so each line is parsed once. Nothing is applied until _record; a file found broken
+    leaves nothing staged."""
+
+    def __init__(
+        self,
+        store: Store,
+        batch: BatchRow,
+        provider: Provider,
+        settings: ExtractSettings,
+        price: Price | None,
+        progress: Progress,
+    ) -> None:
+        self.store, self.batch, self.provider = store, batch, provider
+        self.settings, self.price, self.progress = settings, price, progress
+        self.lines = 0
+        self.twice = False  # whether a custom_id was found on two lines
+
+    def __call__(self, path: Path, info: BatchInfo) -> set[str] | None:
+        """The custom_ids of the file when the batch is not proven ours yet (None otherwise), its rows staged; or
+        UnreadableResults naming the batch and the line, nothing staged."""
+        self.lines = 0
+        with self.store.staging(), self.progress.task(f"collect {self.batch.id}", info.total) as bar:
+            check = _Check(info, want_ids=not self.batch.proven)
+            with _no_gc():
+                lines = self._stage(path, check, bar)
+            check.verdict(path)
+        self.lines, self.twice = lines, check.twice
+        return check.ids
+
+    def _stage(self, path: Path, check: _Check, bar: Task) -> int:
+        parse, settings, price, stage = self.provider.parse, self.settings, self.price, self.store.stage_results
+        now = time.time()
+        rows: list[tuple[Any, ...]] = []
+        with path.open("rb") as fh:
+            for n, raw in enumerate(fh, 1):
+                item = check.line(n, raw)
+                if item is None:
+                    continue
+                rows.append(result_row(parse(item), settings, price=price, now=now))
+                if len(rows) >= STAGE_ROWS:
+                    stage(rows)
+                    bar.advance(len(rows))
+                    rows = []
+        stage(rows)
+        bar.advance(len(rows))
+        return check.count
+
+
+STAGE_ROWS = 2000  # rows per staging statement
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """The cyclic garbage collector off for a loop that makes no cycles (each line's objects go with their
+    reference counts): it would otherwise walk every live object again and again, ~10-20% of the loop."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _fetch(
@@ -182,25 +234,27 @@ def _fetch(
     provider: Provider,
     batch: BatchRow,
     dest: Path,
+    read: Callable[[Path, BatchInfo], set[str] | None],
     sleep: poll.Sleep,
     left: Callable[[], float] | None,
     report: CollectReport,
 ) -> set[str] | None:
-    """The custom_ids of the batch's checked results file (downloaded unless a killed collect left it), or None
-    when there is nothing to read (no file and no answer counted: a batch that failed validation)."""
+    """Read the batch's checked results file (downloaded unless a killed collect left it) with `read`, which checks
+    and stages it; returns what read returns, or None when there is nothing to read (no file and no answer
+    counted: a batch that failed validation)."""
     info = batch.info()
     if dest.exists():
         # dest only ever appears whole (checked, then renamed): a collect killed after the download reads it
         # again instead of fetching it again.
         try:
-            return check_results(dest, info, want_ids=not batch.proven)
+            return read(dest, info)
         except UnreadableResults:
             dest.unlink()  # not what a checked download leaves: fetch it again
             raise
     if not (info.output_file_id or info.error_file_id or info.counts_final_only) and not expected_results(info):
         return None
     provider.check_key()
-    ids, refetches = _download_checked(store, provider, info, dest, sleep, left, want_ids=not batch.proven)
+    ids, refetches = _download_checked(store, provider, info, dest, read, sleep, left)
     report.refetches += refetches
     return ids
 
@@ -241,19 +295,6 @@ def _gone(store: Store, batch: BatchRow, error: ResultsGone, report: CollectRepo
     report.gone.append(f"{batch.id}: {error}; {n} request(s) marked missing (`hipbatch retry --only missing --yes`)")
 
 
-def _outcome_rows(
-    dest: Path, provider: Provider, settings: ExtractSettings, price: Price | None, bar: Task
-) -> Iterator[dict[str, Any]]:
-    """The ledger rows of a downloaded results file, streamed; the progress bar moves every 2,000."""
-    n = 0
-    for line in iter_jsonl(dest):
-        yield outcome_row(provider.parse(line), settings, price=price)
-        n += 1
-        if n % 2000 == 0:
-            bar.advance(2000)
-    bar.advance(n % 2000)
-
-
 def _prices(adapters: Adapters) -> PriceTable | None:
     """The price table, to cost each answer as it is recorded; None leaves that to cost.settle()."""
     from hipbatch import cost
@@ -286,12 +327,12 @@ def _download_checked(
     provider: Provider,
     info: BatchInfo,
     dest: Path,
+    read: Callable[[Path, BatchInfo], set[str] | None],
     sleep: poll.Sleep,
     left: Callable[[], float] | None,
-    want_ids: bool = False,
 ) -> tuple[set[str] | None, int]:
-    """Download to a temp file, kept (renamed to dest) only when check_results() finds it whole; else fetched
-    again under the DOWNLOAD policy, then UnreadableResults. Returns (its custom_ids if wanted, downloads thrown
+    """Download to a temp file, kept (renamed to dest) only when `read` finds it whole (and has staged it); else
+    fetched again under the DOWNLOAD policy, then UnreadableResults. Returns (what read returned, downloads thrown
     away)."""
     part = dest.with_suffix(".part")
     refetches = tries = 0
@@ -302,7 +343,7 @@ def _download_checked(
                 try:
                     info = _with_files(store, provider, info)
                     provider.download(info, part)
-                    ids = check_results(part, info, want_ids)
+                    ids = read(part, info)
                 except TransientError:
                     refetches += 1
                     raise
@@ -331,46 +372,69 @@ def _with_files(store: Store, provider: Provider, info: BatchInfo) -> BatchInfo:
     return fresh
 
 
-def check_results(path: Path, info: BatchInfo, want_ids: bool = False) -> set[str] | None:
-    """Check that a downloaded results file is whole: every line parses and names a custom_id, a custom_id found
-    twice carries the same answer both times, and it answers as many requests as the provider's final counts.
-    Else UnreadableResults naming the batch and the line. Returns its custom_ids when asked (want_ids).
+class _Check:
+    """Whether a downloaded results file is whole, line by line: every line parses and names a custom_id, a
+    custom_id found twice carries the same answer both times, and it answers as many requests as the provider's
+    final counts (verdict(); else UnreadableResults naming the batch and the line). Keeps its custom_ids when asked.
 
     Memory stays flat-ish: one packed (custom_id hash, line hash) int per line, not the ids themselves."""
-    decode = json.JSONDecoder().decode  # json.loads without its per-call encoding detection
-    pairs: list[int] = []
-    ids: set[str] | None = set() if want_ids else None
+
+    def __init__(self, info: BatchInfo, want_ids: bool = False) -> None:
+        self.info = info
+        self.decode = json.JSONDecoder().decode  # json.loads without its per-call encoding detection
+        self.pairs: list[int] = []
+        self.ids: set[str] | None = set() if want_ids else None
+        self.twice = False
+
+    @property
+    def count(self) -> int:
+        return len(self.pairs)
+
+    def line(self, n: int, raw: bytes) -> Any:
+        """Line n, decoded (None for a blank line)."""
+        line = raw.strip()
+        if not line:
+            return None
+        try:
+            item = self.decode(line.decode("utf-8-sig"))
+        except ValueError:
+            raise UnreadableResults(f"batch {self.info.id}: results line {n} is not valid JSON") from None
+        custom_id = line_id(item)  # custom_id (OpenAI, Anthropic) or key (Gemini)
+        if custom_id is None:
+            raise UnreadableResults(f"batch {self.info.id}: results line {n} names no custom_id")
+        self.pairs.append((hash(custom_id) & _MASK) << 64 | (hash(line) & _MASK))
+        if self.ids is not None:
+            self.ids.add(custom_id)
+        return item
+
+    def verdict(self, path: Path) -> None:
+        """UnreadableResults unless the lines seen make a whole file (see the class)."""
+        pairs = self.pairs
+        pairs.sort()
+        distinct, differing = 0, False
+        for i, pair in enumerate(pairs):
+            if i and pair >> 64 == pairs[i - 1] >> 64:
+                differing = differing or pair != pairs[i - 1]
+            else:
+                distinct += 1
+        self.twice = distinct < len(pairs)
+        if differing:
+            _same_answers(path, self.info)
+        expected = expected_results(self.info)
+        if expected is not None and distinct < expected:
+            raise UnreadableResults(
+                f"batch {self.info.id}: the download holds {distinct} of the {expected} results the provider counts"
+            )
+
+
+def check_results(path: Path, info: BatchInfo, want_ids: bool = False) -> set[str] | None:
+    """_Check over a whole file, staging nothing: its custom_ids when asked, or UnreadableResults."""
+    check = _Check(info, want_ids)
     with path.open("rb") as fh:
         for n, raw in enumerate(fh, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                item = decode(line.decode("utf-8-sig"))
-            except ValueError:
-                raise UnreadableResults(f"batch {info.id}: results line {n} is not valid JSON") from None
-            custom_id = line_id(item)  # custom_id (OpenAI, Anthropic) or key (Gemini)
-            if custom_id is None:
-                raise UnreadableResults(f"batch {info.id}: results line {n} names no custom_id")
-            pairs.append((hash(custom_id) & _MASK) << 64 | (hash(line) & _MASK))
-            if ids is not None:
-                ids.add(custom_id)
-    pairs.sort()
-    distinct, differing = 0, False
-    for i, pair in enumerate(pairs):
-        if i and pair >> 64 == pairs[i - 1] >> 64:
-            differing = differing or pair != pairs[i - 1]
-        else:
-            distinct += 1
-    del pairs
-    if differing:
-        _same_answers(path, info)
-    expected = expected_results(info)
-    if expected is not None and distinct < expected:
-        raise UnreadableResults(
-            f"batch {info.id}: the download holds {distinct} of the {expected} results the provider counts"
-        )
-    return ids
+            check.line(n, raw)
+    check.verdict(path)
+    return check.ids
 
 
 _MASK = (1 << 64) - 1

@@ -46,6 +46,13 @@ from hipbatch.records import (
 _IN_FLIGHT = (RequestState.PENDING, RequestState.SUBMITTED)
 _ANSWERED = "state NOT IN (?, ?)"  # takes _IN_FLIGHT
 _FINAL_AT = "coalesce(r.answered_at, CASE WHEN r.state NOT IN (?, ?) THEN r.updated_at END)"  # takes _IN_FLIGHT
+#: The ledger columns a result sets (after its custom_id and a flag `full`, in Store.stage_results): the first
+#: FAILED_COLUMNS for every result; the rest (the reply and what the extractor kept) only for an answer.
+RESULT_COLUMNS = (
+    "via", "answered_at", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "error_code",
+    "error_message", "cost_usd", "state", "reply_text", "finish", "prompt", "detail", "method", "suspect",
+)  # fmt: skip
+FAILED_COLUMNS = 10
 CHUNK = 2000  # rows per bulk statement: keeps memory flat and statements under SQLite's variable limit
 
 
@@ -562,100 +569,85 @@ class Store:
                     sets = ", ".join(f"{c} = ?" for c in cols)
                     self._db.conn.executemany(f"UPDATE requests SET {sets} WHERE custom_id = ?{guard}", many)
 
-    def save_results_staged(
-        self, rows: Iterable[dict[str, Any]], keep_success: bool = True, from_batch: str | None = None
-    ) -> int:
-        """save_results for a whole batch streamed in: the same rules, applied in the ledger's row order.
+    @contextmanager
+    def staging(self) -> Iterator[None]:
+        """A fresh temp.hb_staged for stage_results(), filled in one transaction (of the temp tables only: nothing
+        of the ledger changes until apply_staged); dropped again when the block fails."""
+        db = self._db.conn
+        db.execute("DROP TABLE IF EXISTS temp.hb_staged")
+        db.execute(f"CREATE TEMP TABLE hb_staged (rid INTEGER, rbatch TEXT, full INTEGER, {', '.join(RESULT_COLUMNS)})")
+        try:
+            with self.atomic():
+                yield
+        except BaseException:
+            self.drop_staged()
+            raise
 
-        Result lines come in any order; updating the ledger in that order rewrites pages at random (about 3x
-        slower for 50,000 rows). The rows are staged in a temp table (on disk, like SQLite's other temp
-        data: memory stays flat) with the rowid of their request, then applied with one UPDATE ... FROM per
-        column set, sorted by rowid. A custom_id found twice is applied line by line in file order, as
-        save_results would. Run inside the caller's transaction; returns the rows staged.
-        """
+    def stage_results(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Stage result rows, each (custom_id, full, *RESULT_COLUMNS) (full 0: only the first FAILED_COLUMNS are
+        applied), with the rowid and batch of their request; a custom_id the ledger does not know is left out.
+        Inside staging(); the rows keep their file order (the staged rowid)."""
+        marks = ", ".join(f"?{i}" for i in range(2, len(RESULT_COLUMNS) + 3))
+        self._db.conn.executemany(
+            f"INSERT INTO temp.hb_staged (rid, rbatch, full, {', '.join(RESULT_COLUMNS)}) "
+            f"SELECT rowid, batch_id, {marks} FROM requests WHERE custom_id = ?1",
+            rows,
+        )
+
+    def drop_staged(self) -> None:
         self._db.conn.execute("DROP TABLE IF EXISTS temp.hb_staged")
-        groups: dict[tuple[str, ...], int] = {}  # column set -> group number
-        staged: list[str] = []  # value columns of the temp table, in order
-        n = 0
-        for chunk in _chunks(rows):
-            n = self._stage(chunk, n, groups, staged)
-        if groups:
+
+    def apply_staged(self, from_batch: str | None = None, keep_success: bool = True, twice: bool = True) -> None:
+        """Apply the staged rows to their requests, in the ledger's row order, and drop them; request_stats kept.
+
+        With keep_success, a request that already has a good answer is never overwritten by a worse one (a late
+        line from an older batch of the same request). With from_batch, a line read again from an older batch (a
+        collect killed before it finished, rerun after `retry` resent the request) only counts if it is a
+        success: a stale failure must not mark a request that is in flight again. Result lines come in any order;
+        updating the ledger in that order rewrites pages at random (about 3x slower for 50,000 rows): one UPDATE
+        ... FROM sorted by rowid. A custom_id found twice (`twice`: the caller knows if any was) is applied line
+        by line in file order. Run inside the caller's transaction."""
+        with self._db.atomic():
             # request_stats: the batch's requests are counted again after; rows of other requests (a line of an
             # older batch read again) are taken away and added back.
-            where, args = ("batch_id IS NOT ?", [from_batch]) if from_batch is not None else ("1", [])
-            scope = self._scope(f"rowid IN (SELECT rid FROM temp.hb_staged) AND {where}", args)
+            other, args = ("rbatch IS NOT ?", [from_batch]) if from_batch is not None else ("1", [])
+            scope = self._scope(f"rowid IN (SELECT rid FROM temp.hb_staged WHERE {other})", args)
             with self._counted(scope):
-                self._apply_staged(groups, "state" in staged, keep_success, from_batch)
+                self._apply_staged(from_batch, keep_success, twice)
             if from_batch is not None:
                 self._recount_batch(from_batch)
-            self._db.conn.execute("DROP TABLE temp.hb_staged")
-        return n
+            self.drop_staged()
 
-    def _stage(self, chunk: list[dict[str, Any]], n: int, groups: dict[tuple[str, ...], int], staged: list[str]) -> int:
-        """Copy one chunk of rows into temp.hb_staged (made, or widened, for new column sets); returns the next seq."""
+    def _apply_staged(self, from_batch: str | None, keep_success: bool, twice: bool) -> None:
+        """Apply temp.hb_staged to the requests in rowid order, under apply_staged's guards."""
         db = self._db.conn
-        by_group: dict[int, list[list[Any]]] = {}
-        for row in chunk:
-            cols = tuple(k for k in row if k != "custom_id" and k != "updated_at")
-            grp = groups.get(cols)
-            if grp is None:
-                grp = groups[cols] = len(groups)
-                new = [c for c in cols if c not in staged]
-                if grp == 0:
-                    columns = "".join(f", {c}" for c in new)
-                    db.execute(f"CREATE TEMP TABLE hb_staged (rid INTEGER, seq INTEGER, grp INTEGER{columns})")
-                else:
-                    for c in new:
-                        db.execute(f"ALTER TABLE temp.hb_staged ADD COLUMN {c}")
-                staged.extend(new)
-            by_group.setdefault(grp, []).append([n, grp, *(row[c] for c in cols), row["custom_id"]])
-            n += 1
-        by_number = {g: c for c, g in groups.items()}
-        for grp, many in by_group.items():
-            cols = by_number[grp]
-            marks = ", ".join("?" * (len(cols) + 2))
-            db.executemany(
-                f"INSERT INTO temp.hb_staged (rid, seq, grp{''.join(', ' + c for c in cols)}) "
-                f"SELECT rowid, {marks} FROM requests WHERE custom_id = ?",
-                many,
-            )
-        return n
-
-    def _apply_staged(
-        self, groups: dict[tuple[str, ...], int], has_state: bool, keep_success: bool, from_batch: str | None
-    ) -> None:
-        """Apply temp.hb_staged to the requests in rowid order, under save_results' guards."""
-        db = self._db.conn
-        state = "s.state" if has_state else "NULL"
         guard = ""
         if keep_success:
-            guard += f" AND (requests.state != ? OR {state} = ?)"
+            guard += " AND (requests.state != ?1 OR s.state = ?1)"
         if from_batch is not None:
-            guard += f" AND (requests.batch_id = ? OR {state} = ?)"
-        guard_args = ([RequestState.SUCCEEDED] * 2 if keep_success else []) + (
-            [from_batch, RequestState.SUCCEEDED] if from_batch is not None else []
+            guard += " AND (requests.batch_id = ?2 OR s.state = ?1)"
+        sets = "".join(f", {c} = s.{c}" for c in RESULT_COLUMNS[:FAILED_COLUMNS])
+        sets += "".join(
+            f", {c} = CASE WHEN s.full THEN s.{c} ELSE requests.{c} END" for c in RESULT_COLUMNS[FAILED_COLUMNS:]
         )
-        now = time.time()
+        args = [RequestState.SUCCEEDED, from_batch, time.time()]
 
-        def apply(cols: tuple[str, ...], where: str, where_args: list[Any]) -> None:
-            sets = "".join(f", {c} = s.{c}" for c in cols)
+        def apply(where: str, where_args: Sequence[Any] = ()) -> None:
             db.execute(
-                f"UPDATE requests SET updated_at = ?{sets} FROM (SELECT * FROM temp.hb_staged WHERE {where} "
+                f"UPDATE requests SET updated_at = ?3{sets} FROM (SELECT * FROM temp.hb_staged WHERE {where} "
                 f"ORDER BY rid) AS s WHERE requests.rowid = s.rid{guard}",
-                [now, *where_args, *guard_args],
+                [*args, *where_args],
             )
 
-        by_number = {g: c for c, g in groups.items()}
-        twice = [r[0] for r in db.execute("SELECT rid FROM temp.hb_staged GROUP BY rid HAVING count(*) > 1")]
-        for chunk in _chunks(twice, 500):  # a custom_id seen twice: its lines one by one, in file order
+        found = db.execute("SELECT rid FROM temp.hb_staged GROUP BY rid HAVING count(*) > 1") if twice else []
+        for chunk in _chunks([r[0] for r in found], 500):  # a custom_id seen twice: its lines one by one, in order
             marks = ",".join("?" * len(chunk))
-            for seq, grp in db.execute(
-                f"SELECT seq, grp FROM temp.hb_staged WHERE rid IN ({marks}) ORDER BY seq", chunk
+            for (seq,) in db.execute(
+                f"SELECT rowid FROM temp.hb_staged WHERE rid IN ({marks}) ORDER BY rowid", chunk
             ).fetchall():
-                apply(by_number[grp], "seq = ?", [seq])
+                apply("rowid = ?4", [seq])
             db.execute(f"DELETE FROM temp.hb_staged WHERE rid IN ({marks})", chunk)
-        for cols, grp in groups.items():
-            apply(cols, "grp = ?", [grp])
+        apply("1")
 
     def mark_unanswered(self, batch_id: str, state: str, message: str) -> int:
         """Requests of a batch still waiting on it after its results were read get `state`."""
