@@ -29,7 +29,7 @@ from hipbatch.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "gpt-4o-mini"
-FIXTURE_VERSION = 3
+FIXTURE_VERSION = 4  # 4: stores with m007 (request_stats)
 
 SMALL_KERNEL = """#include <hip/hip_runtime.h>
 // benchmark kernel {i}

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from array import array
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
@@ -48,10 +49,16 @@ def parse_fields(text: str | None) -> tuple[str, ...] | None:
 
 
 def write_dataset(
-    store: Store, output: Path, fmt: str = "json", job: str | None = None, fields: Sequence[str] | None = None
+    store: Store,
+    output: Path,
+    fmt: str = "json",
+    job: str | None = None,
+    fields: Sequence[str] | None = None,
+    kept: KeptPrompts | None = None,
 ) -> Written:
-    """Write the dataset atomically, streamed from the store. An existing file that holds records is never
-    replaced by one with none (the store holds nothing for it: a wrong --state-dir or --job, a fresh store)."""
+    """Write the dataset atomically, streamed from the store (`kept` sees every record on the way). An existing
+    file that holds records is never replaced by one with none (the store holds nothing for it: a wrong
+    --state-dir or --job, a fresh store)."""
     if fmt not in FORMATS:
         raise UsageError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -59,7 +66,8 @@ def write_dataset(
         stale.unlink(missing_ok=True)  # left by a killed run; callers hold the state-dir lock
     part = output.with_name(f".{output.name}.{os.getpid()}.part")
     try:
-        n = _write_parquet(store, part, job, fields) if fmt == "parquet" else _write_text(store, part, fmt, job, fields)
+        rows = store.dataset_tuples(job) if kept is None else kept.watch(store.dataset_tuples(job))
+        n = _write_parquet(rows, part, fields) if fmt == "parquet" else _write_text(rows, part, fmt, fields)
         if n == 0 and _has_records(output, fmt):
             return Written(0, replaced=False, kept_because=f"{store.state_dir} holds no records for it")
         os.replace(part, output)
@@ -68,12 +76,12 @@ def write_dataset(
     return Written(n)
 
 
-def _write_text(store: Store, part: Path, fmt: str, job: str | None, fields: Sequence[str] | None) -> int:
+def _write_text(rows: Iterable[tuple[Any, ...]], part: Path, fmt: str, fields: Sequence[str] | None) -> int:
     n = 0
     with part.open("w", encoding="utf-8") as fh:
         if fmt == "json":
             fh.write("[")
-        lines = _record_lines(store, job) if fields is None else (record_json(r) for r in _records(store, job, fields))
+        lines = _record_lines(rows) if fields is None else (record_json(r) for r in _records(rows, fields))
         for text in lines:
             if fmt == "json":
                 fh.write(("\n  " if n == 0 else ",\n  ") + text)
@@ -87,7 +95,7 @@ def _write_text(store: Store, part: Path, fmt: str, job: str | None, fields: Seq
     return n
 
 
-def _write_parquet(store: Store, part: Path, job: str | None, fields: Sequence[str] | None) -> int:
+def _write_parquet(rows: Iterable[tuple[Any, ...]], part: Path, fields: Sequence[str] | None) -> int:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -98,7 +106,7 @@ def _write_parquet(store: Store, part: Path, job: str | None, fields: Sequence[s
     n = 0
     with pq.ParquetWriter(str(part), schema) as writer:
         batch: list[dict[str, Any]] = []
-        for record in _records(store, job, names):
+        for record in _records(rows, names):
             batch.append(record)
             if len(batch) >= PARQUET_ROWS:
                 writer.write_table(pa.Table.from_pylist(batch, schema=schema))
@@ -140,22 +148,22 @@ def record_json(record: dict[str, Any]) -> str:
     return "{" + ", ".join(parts) + "}"
 
 
-def _records(store: Store, job: str | None, fields: Sequence[str]) -> Iterator[dict[str, Any]]:
+def _records(rows: Iterable[tuple[Any, ...]], fields: Sequence[str]) -> Iterator[dict[str, Any]]:
     """Records holding just `fields`, in file-name order."""
     order = Store.DATASET_COLUMNS
     at = [order.index(f) for f in fields]
-    for row in store.dataset_tuples(job):
+    for row in rows:
         record = {f: row[i] for f, i in zip(fields, at, strict=True)}
         if "via" in record:
             record["via"] = record["via"] or "batch"
         yield record
 
 
-def _record_lines(store: Store, job: str | None) -> Iterator[str]:
+def _record_lines(rows: Iterable[tuple[Any, ...]]) -> Iterator[str]:
     """record_json of each default record, without a dict per record: the columns that repeat (provider, model,
     job, via) are encoded once per combination."""
     tails: dict[tuple[Any, ...], str] = {}
-    for job_name, file_name, prompt, custom_id, provider, model, via, *_ in store.dataset_tuples(job):
+    for job_name, file_name, prompt, custom_id, provider, model, via, *_ in rows:
         key = (provider, model, job_name, via)
         tail = tails.get(key)
         if tail is None:
@@ -170,3 +178,53 @@ def _record_lines(store: Store, job: str | None) -> Iterator[str]:
 
 def _value(value: Any) -> str:
     return encode_basestring(value) if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+@dataclass
+class _JobPrompts:
+    lengths: array[int] = field(default_factory=lambda: array("q"))  # of the prompts the extractor did not suspect
+    suspects: list[tuple[str, str, int]] = field(default_factory=list)  # (file name, why, length), in file order
+
+
+class KeptPrompts:
+    """What the dataset pass sees of the kept prompts, per job: their lengths (for the job's median) and the ones
+    the extractor named suspects; the overlong ones (over `factor` x the median) follow from the lengths once the
+    pass is over. So the summary costs no query of its own (only when overlong prompts must be named)."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+        self.jobs: dict[str, _JobPrompts] = {}
+
+    def watch(self, rows: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+        """The rows (Store.DATASET_COLUMNS), each seen on its way."""
+        jobs = self.jobs
+        for row in rows:
+            seen = jobs.get(row[0])
+            if seen is None:
+                seen = jobs[row[0]] = _JobPrompts()
+            if row[8]:
+                seen.suspects.append((row[1], row[8], len(row[2])))
+            else:
+                seen.lengths.append(len(row[2]))
+            yield row
+
+    def overlong(self, job: str) -> float:
+        """Length over which a kept prompt of the job is suspect (inf when it has none)."""
+        seen = self.jobs.get(job)
+        if seen is None:
+            return float("inf")
+        lengths = sorted([*seen.lengths, *(n for _, _, n in seen.suspects)])
+        mid = len(lengths) // 2
+        median = lengths[mid] if len(lengths) % 2 else (lengths[mid - 1] + lengths[mid]) / 2
+        return self.factor * median or float("inf")
+
+    def suspects(self, job: str, limit: int) -> tuple[int, list[tuple[str, str]] | None]:
+        """(how many of the job's kept prompts are suspect, the first `limit` (file name, why)); the list is None
+        when overlong prompts are among them (Store.suspect_files names those)."""
+        seen = self.jobs.get(job)
+        if seen is None:
+            return 0, []
+        over = self.overlong(job)
+        plain = sum(1 for n in seen.lengths if n > over)
+        named = [(name, why + (",overlong" if n > over else "")) for name, why, n in seen.suspects[:limit]]
+        return len(seen.suspects) + plain, None if plain else named

@@ -23,6 +23,7 @@ from hipbatch.views import Out
 if TYPE_CHECKING:
     from hipbatch.config import Config
     from hipbatch.cost import Ledger, PriceTable
+    from hipbatch.dataset import KeptPrompts
     from hipbatch.prepare import Source
     from hipbatch.queue import Windows
     from hipbatch.render import Template
@@ -369,11 +370,18 @@ FAILED_FILES_SHOWN = 10  # failed files named in collect's summary (`status --fa
 
 def _write_dataset(store: Store, opts: CollectOptions, prices: PriceTable | None, out: Out) -> dict[str, Any]:
     from hipbatch import cost
-    from hipbatch.dataset import parse_fields, write_dataset
+    from hipbatch.dataset import KeptPrompts, parse_fields, write_dataset
+    from hipbatch.extract import OVERLONG_FACTOR
 
+    fields = parse_fields(opts.fields)
     with locked(store):
-        kept = _kept_prompts(store, opts.job, opts.strict)
-        written = write_dataset(store, opts.output_file, opts.format, opts.job, parse_fields(opts.fields))
+        if opts.strict:  # the suspects fail first, so the dataset holds none
+            kept = _kept_prompts(store, opts.job, opts.strict)
+            written = write_dataset(store, opts.output_file, opts.format, opts.job, fields)
+        else:  # the suspects and the medians seen while the dataset is written: no pass of their own
+            seen = KeptPrompts(OVERLONG_FACTOR)
+            written = write_dataset(store, opts.output_file, opts.format, opts.job, fields, kept=seen)
+            kept = _seen_prompts(store, opts.job, seen)
         counts = store.request_counts(opts.job)  # current requests: one per file, what the dataset can hold
         reasons = store.failure_reasons(opts.job)
         failed_files = [r for r in store.failed_files(opts.job, FAILED_FILES_SHOWN + 1) if r["reason"] != "skipped"]
@@ -420,6 +428,24 @@ def _kept_prompts(store: Store, job: str | None, strict: bool) -> dict[str, Any]
         "suspects": n_suspect,
         "suspect_files": [{"file_name": f, "why": why} for f, why in suspects],
         "failed_as_suspect": failed,
+    }
+
+
+def _seen_prompts(store: Store, job: str | None, seen: KeptPrompts) -> dict[str, Any]:
+    """_kept_prompts from what the dataset pass saw (Store.suspect_files only to name overlong ones)."""
+    suspects: list[tuple[str, str]] = []
+    n_suspect = 0
+    for name in [job] if job else [j.name for j in store.jobs()]:
+        n, named = seen.suspects(name, SHOWN_FILES - len(suspects))
+        n_suspect += n
+        if named is None:
+            named = store.suspect_files(name, seen.overlong(name), SHOWN_FILES - len(suspects))
+        suspects += named
+    return {
+        "methods": store.extraction_methods(job),
+        "suspects": n_suspect,
+        "suspect_files": [{"file_name": f, "why": why} for f, why in suspects],
+        "failed_as_suspect": 0,
     }
 
 

@@ -141,3 +141,36 @@ def test_every_store_method_that_changes_requests_keeps_the_counts() -> None:
         if not (names & KEEPS_STATS or any("INTO request_stats" in t for t in texts)):
             missing.append(node.name)
     assert not missing, f"these store methods change requests without keeping request_stats: {missing}"
+
+
+def test_suspects_seen_in_the_dataset_pass_are_the_ones_the_queries_find(
+    openai_env: LocalBatchServer, tmp_path: Path
+) -> None:
+    from hipbatch.dataset import KeptPrompts, write_dataset
+    from hipbatch.extract import OVERLONG_FACTOR
+    from hipbatch.ops import _kept_prompts, _seen_prompts
+
+    root = make_hip_dir(tmp_path / "kernels", 14)
+    cli("submit", root)
+    cli(*WAIT)
+    db = ledger_db(Path("state"))
+    replies = {
+        "k0004.hip": "Write a kernel.\n\n```cpp\n__global__ void k(){}\n```\n\nThen test it well on the host side.",
+        "k0005.hip": "Write a HIP kernel that " + "sums and checks every element of a long array, " * 40,
+        "k0010.hip": "Write a HIP kernel that " + "scales, clamps and writes back a long vector, " * 30,
+    }
+    for name, text in replies.items():
+        db.execute("UPDATE requests SET reply_text = ? WHERE file_name = ?", [text, name])
+    cli("collect", "--reextract")
+    store = Store(Path("state"))
+    try:
+        seen = KeptPrompts(OVERLONG_FACTOR)
+        write_dataset(store, tmp_path / "d.json", kept=seen)
+        from_pass = _seen_prompts(store, None, seen)
+        from_queries = _kept_prompts(store, None, strict=False)
+    finally:
+        store.close()
+    assert from_pass == from_queries
+    assert from_pass["suspects"] == 3
+    assert {s["file_name"] for s in from_pass["suspect_files"]} == set(replies)
+    assert any("overlong" in s["why"] for s in from_pass["suspect_files"])
