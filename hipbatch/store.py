@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import heapq
 import inspect
 import json
 import os
@@ -680,16 +681,23 @@ class Store:
             yield dict(zip(self.DATASET_COLUMNS, row, strict=True))
 
     def dataset_tuples(self, job: str | None = None) -> Iterator[tuple[Any, ...]]:
-        """Dataset rows as plain tuples in DATASET_COLUMNS order (no dict per row: the dataset's hot loop)."""
-        sql = (
+        """Dataset rows as plain tuples in DATASET_COLUMNS order (no dict per row: the dataset's hot loop), sorted
+        by file name (then job). Each job's rows come in the files table's own order (no sort of the whole
+        dataset); several jobs are merged."""
+        names = [job] if job else [r[0] for r in self._db.execute("SELECT name FROM jobs ORDER BY name")]
+        if len(names) == 1:
+            yield from self._job_dataset(names[0])
+            return
+        yield from heapq.merge(*(self._job_dataset(name) for name in names), key=lambda row: (row[1], row[0]))
+
+    def _job_dataset(self, job: str) -> Iterator[tuple[Any, ...]]:
+        # CROSS JOIN: the files of the job in their primary-key order, each request looked up by its custom_id
+        yield from self._db.conn.execute(
             "SELECT f.job, f.file_name, r.prompt, r.custom_id, r.provider, r.model, r.via, r.method, r.suspect "
-            "FROM files f JOIN requests r ON r.custom_id = f.custom_id "
-            "WHERE r.state = ? {job} ORDER BY f.file_name, f.job"
+            "FROM files f CROSS JOIN requests r ON r.custom_id = f.custom_id WHERE f.job = ? AND r.state = ? "
+            "ORDER BY f.file_name",
+            [job, RequestState.SUCCEEDED],
         )
-        args: list[Any] = [RequestState.SUCCEEDED]
-        if job:
-            args.append(job)
-        yield from self._db.conn.execute(sql.format(job="AND f.job = ?" if job else ""), args)
 
     def request_counts(self, job: str | None = None) -> dict[str, int]:
         """Current requests (those a file points at: what the dataset holds) per state."""
