@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 from hipbatch import poll
 from hipbatch.errors import AuthFailed, HipbatchError, ResultsGone, TransientError, UnreadableResults
 from hipbatch.extract import ExtractSettings, extract
-from hipbatch.progress import NullProgress, Progress, Task
+from hipbatch.progress import NullProgress, Progress
 from hipbatch.providers import Provider
 from hipbatch.providers.base import line_id
 from hipbatch.providers.registry import Adapters
-from hipbatch.records import BatchInfo, BatchRow, Outcome, RequestState, Result
+from hipbatch.records import FAILED_COLUMNS, RESULT_COLUMNS, BatchInfo, BatchRow, Outcome, RequestState, Result
 from hipbatch.status import FAILED_STATES
-from hipbatch.store import FAILED_COLUMNS, RESULT_COLUMNS, Store
+from hipbatch.store import Store
 
 if TYPE_CHECKING:
     from hipbatch.cost import Price, PriceTable
@@ -60,11 +60,14 @@ class _Extractors:
         return self._cache[job]
 
 
+CHUNK_ROWS = 2000  # rows staged at once
+_MASK = (1 << 64) - 1
 _LOST = {
     Outcome.ERRORED: RequestState.FAILED,
     Outcome.EXPIRED: RequestState.EXPIRED,
     Outcome.CANCELED: RequestState.CANCELED,
 }
+_NO_REPLY = (None,) * (len(RESULT_COLUMNS) - FAILED_COLUMNS)
 
 
 def result_row(
@@ -88,9 +91,6 @@ def result_row(
         return (result.custom_id, 1, *common, result.error_code, result.error_message, cost, RequestState.SUCCEEDED,
                 *kept)  # fmt: skip
     return (result.custom_id, 1, *common, ex.reason, ex.detail, cost, ex.reason, *kept)
-
-
-_NO_REPLY = (None,) * (len(RESULT_COLUMNS) - FAILED_COLUMNS)
 
 
 def outcome_row(
@@ -132,41 +132,40 @@ def collect_batches(
             provider = adapters.get(batch.provider)
             price = prices.lookup(batch.provider, batch.model) if prices is not None else None
             reader = _Reader(store, batch, provider, extractors(batch.job), price, progress)
-            ids = _fetch(store, provider, batch, dest, reader, sleep, left, report)
+            # One transaction per batch: a batch is read in whole or not at all (a killed collect reads it again).
+            with store.atomic():
+                ids = _fetch(store, provider, batch, dest, reader, sleep, left, report)
+                if batch.proven or _owned(store, batch, ids, dest, report):
+                    _record(store, batch, reader, report)
         except AuthFailed:
             raise
         except ResultsGone as e:
             _gone(store, batch, e, report)
-            continue
         except HipbatchError as e:
             store.record_read_error(batch.id, str(e))
             report.errors.append(f"{batch.id}: results not read, batch left uncollected (requests stay submitted): {e}")
-            continue
-        if not batch.proven and not _owned(store, batch, ids, dest, report):
+        finally:
             store.drop_staged()
-            continue
-        _record(store, batch, reader.lines, reader.twice, report)
     return report
 
 
-def _record(store: Store, batch: BatchRow, lines: int, twice: bool, report: CollectReport) -> None:
-    """The staged results of a checked file into the ledger, and the batch's requests without a line by its final
-    status. One transaction per batch: a batch is read in whole or not at all (a killed collect reads it again)."""
+def _record(store: Store, batch: BatchRow, reader: _Reader, report: CollectReport) -> None:
+    """What the reader staged into the ledger, and the batch's requests without a line by their batch's final
+    status; the batch's counts taken again. Inside the batch's transaction."""
+    if reader.summary.lines:
+        store.apply_staged(from_batch=batch.id, twice=reader.summary.twice)
+        report.lines += reader.summary.lines
     info = store.batch(batch.id) or batch
-    with store.atomic():
-        if lines:
-            store.apply_staged(from_batch=batch.id, twice=twice)
-            report.lines += lines
-        leftover_state, message = _leftover(info.info())
-        store.mark_unanswered(batch.id, leftover_state, message)
-        store.mark_collected(batch.id)
+    leftover_state, message = _leftover(info.info())
+    store.mark_unanswered(batch.id, leftover_state, message)
+    store.recount_batch(batch.id)
+    store.mark_collected(batch.id)
     report.batches.append(batch.id)
 
 
 class _Reader:
-    """Reads one batch's results file in one pass: checks it whole (_Check) and stages its ledger rows
-    (Store.stage_results), so each line is parsed once. Nothing is applied until _record; a file found broken
-    leaves nothing staged."""
+    """Reads one batch's results file in one pass (read_chunks: each line checked and turned into its ledger row
+    once) into the stage; _record applies it. A file found broken leaves nothing staged."""
 
     def __init__(
         self,
@@ -179,41 +178,135 @@ class _Reader:
     ) -> None:
         self.store, self.batch, self.provider = store, batch, provider
         self.settings, self.price, self.progress = settings, price, progress
-        self.lines = 0
-        self.twice = False  # whether a custom_id was found on two lines
+        self.summary = Summary()
 
     def __call__(self, path: Path, info: BatchInfo) -> set[str] | None:
-        """The custom_ids of the file when the batch is not proven ours yet (None otherwise), its rows staged; or
-        UnreadableResults naming the batch and the line, nothing staged."""
-        self.lines = 0
+        """The custom_ids of the file when the batch is not proven ours yet (None otherwise); or UnreadableResults
+        naming the batch and the line, with nothing staged."""
+        summary = self.summary = Summary()
+        chunks = read_chunks(path, info, self.provider.parse, self.settings, self.price, summary, not self.batch.proven)
         with self.store.staging(), self.progress.task(f"collect {self.batch.id}", info.total) as bar:
-            check = _Check(info, want_ids=not self.batch.proven)
-            with _no_gc():
-                lines = self._stage(path, check, bar)
-            check.verdict(path)
-        self.lines, self.twice = lines, check.twice
-        return check.ids
-
-    def _stage(self, path: Path, check: _Check, bar: Task) -> int:
-        parse, settings, price, stage = self.provider.parse, self.settings, self.price, self.store.stage_results
-        now = time.time()
-        rows: list[tuple[Any, ...]] = []
-        with path.open("rb") as fh:
-            for n, raw in enumerate(fh, 1):
-                item = check.line(n, raw)
-                if item is None:
-                    continue
-                rows.append(result_row(parse(item), settings, price=price, now=now))
-                if len(rows) >= STAGE_ROWS:
-                    stage(rows)
-                    bar.advance(len(rows))
-                    rows = []
-        stage(rows)
-        bar.advance(len(rows))
-        return check.count
+            for chunk in chunks:
+                self.store.stage_results(chunk)
+                bar.advance(len(chunk))
+        return summary.ids
 
 
-STAGE_ROWS = 2000  # rows per staging statement
+def expected_results(info: BatchInfo) -> int | None:
+    """How many result lines the provider's final counts promise (None when it gives no counts)."""
+    return (info.done or 0) + (info.failed or 0) if info.done is not None else None
+
+
+class Check:
+    """Whether a downloaded results file is whole, line by line: every line parses and names a custom_id, a
+    custom_id found twice carries the same answer both times, and it answers as many requests as the provider's
+    final counts (verdict(); else UnreadableResults naming the batch and the line). Keeps its custom_ids when asked.
+
+    Memory stays flat-ish: one packed (custom_id hash, line hash) int per line, not the ids themselves."""
+
+    def __init__(self, info: BatchInfo, want_ids: bool = False) -> None:
+        self.info = info
+        self.decode = json.JSONDecoder().decode  # json.loads without its per-call encoding detection
+        self.pairs: list[int] = []
+        self.ids: set[str] | None = set() if want_ids else None
+        self.twice = False  # set by verdict(): a custom_id is on two lines
+
+    @property
+    def count(self) -> int:
+        return len(self.pairs)
+
+    def line(self, n: int, raw: bytes) -> Any:
+        """Line n, decoded (None for a blank line)."""
+        line = raw.strip()
+        if not line:
+            return None
+        try:
+            text = line.decode()  # UTF-8 (the C codec: utf-8-sig is Python code), a leading BOM dropped
+            item = self.decode(text[1:] if text[:1] == "\ufeff" else text)
+        except ValueError:
+            raise UnreadableResults(f"batch {self.info.id}: results line {n} is not valid JSON") from None
+        custom_id = line_id(item)  # custom_id (OpenAI, Anthropic) or key (Gemini)
+        if custom_id is None:
+            raise UnreadableResults(f"batch {self.info.id}: results line {n} names no custom_id")
+        self.pairs.append((hash(custom_id) & _MASK) << 64 | (hash(line) & _MASK))
+        if self.ids is not None:
+            self.ids.add(custom_id)
+        return item
+
+    def verdict(self, path: Path) -> None:
+        """UnreadableResults unless the lines seen make a whole file (see the class)."""
+        pairs = self.pairs
+        pairs.sort()
+        distinct, differing = 0, False
+        for i, pair in enumerate(pairs):
+            if i and pair >> 64 == pairs[i - 1] >> 64:
+                differing = differing or pair != pairs[i - 1]
+            else:
+                distinct += 1
+        self.twice = distinct < len(pairs)
+        if differing:
+            _same_answers(path, self.info)
+        expected = expected_results(self.info)
+        if expected is not None and distinct < expected:
+            raise UnreadableResults(
+                f"batch {self.info.id}: the download holds {distinct} of the {expected} results the provider counts"
+            )
+
+
+def _same_answers(path: Path, info: BatchInfo) -> None:
+    """Lines of one custom_id that differ byte for byte must still say the same, else UnreadableResults: a
+    second, different answer is never applied over a paid one (nor its tokens). Rare: holds every line."""
+    first: dict[str, tuple[int, Any]] = {}
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            item = json.loads(raw)
+            custom_id = line_id(item)
+            line, value = first.setdefault(str(custom_id), (n, item))
+            if value != item:
+                raise UnreadableResults(
+                    f"batch {info.id}: custom_id {custom_id} has two different answers (results lines "
+                    f"{line} and {n}): the download is inconsistent and was not used"
+                )
+
+
+@dataclass
+class Summary:
+    """What a whole read found: its lines, whether a custom_id was on two, its custom_ids when asked."""
+
+    lines: int = 0
+    twice: bool = False
+    ids: set[str] | None = None
+
+
+def read_chunks(
+    path: Path,
+    info: BatchInfo,
+    parse: Callable[[Any], Result],
+    settings: ExtractSettings,
+    price: Price | None,
+    summary: Summary,
+    want_ids: bool = False,
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The file's ledger rows (result_row), CHUNK_ROWS at a time; `summary` filled at the end, or UnreadableResults
+    (checked as the lines go, then as a whole: a caller uses nothing of an unfinished read)."""
+    check = Check(info, want_ids)
+    now = time.time()
+    rows: list[tuple[Any, ...]] = []
+    with _no_gc(), path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            item = check.line(n, raw)
+            if item is None:
+                continue
+            rows.append(result_row(parse(item), settings, price=price, now=now))
+            if len(rows) >= CHUNK_ROWS:
+                yield rows
+                rows = []
+    if rows:
+        yield rows
+    check.verdict(path)
+    summary.lines, summary.twice, summary.ids = check.count, check.twice, check.ids
 
 
 @contextmanager
@@ -317,11 +410,6 @@ def _leftover(info: BatchInfo) -> tuple[str, str]:
     return RequestState.MISSING, "the batch's results hold no line for this request (the provider's counts miss it)"
 
 
-def expected_results(info: BatchInfo) -> int | None:
-    """How many result lines the provider's final counts promise (None when it gives no counts)."""
-    return (info.done or 0) + (info.failed or 0) if info.done is not None else None
-
-
 def _download_checked(
     store: Store,
     provider: Provider,
@@ -370,92 +458,6 @@ def _with_files(store: Store, provider: Provider, info: BatchInfo) -> BatchInfo:
             "output file yet"
         )
     return fresh
-
-
-class _Check:
-    """Whether a downloaded results file is whole, line by line: every line parses and names a custom_id, a
-    custom_id found twice carries the same answer both times, and it answers as many requests as the provider's
-    final counts (verdict(); else UnreadableResults naming the batch and the line). Keeps its custom_ids when asked.
-
-    Memory stays flat-ish: one packed (custom_id hash, line hash) int per line, not the ids themselves."""
-
-    def __init__(self, info: BatchInfo, want_ids: bool = False) -> None:
-        self.info = info
-        self.decode = json.JSONDecoder().decode  # json.loads without its per-call encoding detection
-        self.pairs: list[int] = []
-        self.ids: set[str] | None = set() if want_ids else None
-        self.twice = False
-
-    @property
-    def count(self) -> int:
-        return len(self.pairs)
-
-    def line(self, n: int, raw: bytes) -> Any:
-        """Line n, decoded (None for a blank line)."""
-        line = raw.strip()
-        if not line:
-            return None
-        try:
-            item = self.decode(line.decode("utf-8-sig"))
-        except ValueError:
-            raise UnreadableResults(f"batch {self.info.id}: results line {n} is not valid JSON") from None
-        custom_id = line_id(item)  # custom_id (OpenAI, Anthropic) or key (Gemini)
-        if custom_id is None:
-            raise UnreadableResults(f"batch {self.info.id}: results line {n} names no custom_id")
-        self.pairs.append((hash(custom_id) & _MASK) << 64 | (hash(line) & _MASK))
-        if self.ids is not None:
-            self.ids.add(custom_id)
-        return item
-
-    def verdict(self, path: Path) -> None:
-        """UnreadableResults unless the lines seen make a whole file (see the class)."""
-        pairs = self.pairs
-        pairs.sort()
-        distinct, differing = 0, False
-        for i, pair in enumerate(pairs):
-            if i and pair >> 64 == pairs[i - 1] >> 64:
-                differing = differing or pair != pairs[i - 1]
-            else:
-                distinct += 1
-        self.twice = distinct < len(pairs)
-        if differing:
-            _same_answers(path, self.info)
-        expected = expected_results(self.info)
-        if expected is not None and distinct < expected:
-            raise UnreadableResults(
-                f"batch {self.info.id}: the download holds {distinct} of the {expected} results the provider counts"
-            )
-
-
-def check_results(path: Path, info: BatchInfo, want_ids: bool = False) -> set[str] | None:
-    """_Check over a whole file, staging nothing: its custom_ids when asked, or UnreadableResults."""
-    check = _Check(info, want_ids)
-    with path.open("rb") as fh:
-        for n, raw in enumerate(fh, 1):
-            check.line(n, raw)
-    check.verdict(path)
-    return check.ids
-
-
-_MASK = (1 << 64) - 1
-
-
-def _same_answers(path: Path, info: BatchInfo) -> None:
-    """Lines of one custom_id that differ byte for byte must still say the same, else UnreadableResults: a
-    second, different answer is never applied over a paid one (nor its tokens). Rare: holds every line."""
-    first: dict[str, tuple[int, Any]] = {}
-    with path.open("rb") as fh:
-        for n, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            item = json.loads(raw)
-            custom_id = line_id(item)
-            line, value = first.setdefault(str(custom_id), (n, item))
-            if value != item:
-                raise UnreadableResults(
-                    f"batch {info.id}: custom_id {custom_id} has two different answers (results lines "
-                    f"{line} and {n}): the download is inconsistent and was not used"
-                )
 
 
 def reextract(store: Store, job: str | None = None) -> dict[str, int]:

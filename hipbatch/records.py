@@ -38,6 +38,16 @@ RETRYABLE = (
 RETRY_DEFAULT = tuple(s for s in RETRYABLE if s is not RequestState.MISSING)
 
 
+#: The ledger columns one result line sets, after its custom_id and a flag `full` (results.result_row makes them,
+#: Store.stage_results reads them in this order): the first FAILED_COLUMNS for every result; the rest (the reply
+#: and what the extractor kept) only for an answer (`full` 1).
+RESULT_COLUMNS = (
+    "via", "answered_at", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "error_code",
+    "error_message", "cost_usd", "state", "reply_text", "finish", "prompt", "detail", "method", "suspect",
+)  # fmt: skip
+FAILED_COLUMNS = 10
+
+
 class ShardState(StrEnum):
     """Life of one JSONL shard, each step committed before the next provider call."""
 

@@ -35,6 +35,8 @@ from hipbatch.errors import NoState, StoreError, StoreLocked, disk_error
 from hipbatch.migrations import STATS_KEY, migrations, stats_columns, stats_select
 from hipbatch.poll import wait_until
 from hipbatch.records import (
+    FAILED_COLUMNS,
+    RESULT_COLUMNS,
     RETRYABLE,
     BatchInfo,
     BatchRow,
@@ -47,13 +49,6 @@ from hipbatch.records import (
 _IN_FLIGHT = (RequestState.PENDING, RequestState.SUBMITTED)
 _ANSWERED = "state NOT IN (?, ?)"  # takes _IN_FLIGHT
 _FINAL_AT = "coalesce(r.answered_at, CASE WHEN r.state NOT IN (?, ?) THEN r.updated_at END)"  # takes _IN_FLIGHT
-#: The ledger columns a result sets (after its custom_id and a flag `full`, in Store.stage_results): the first
-#: FAILED_COLUMNS for every result; the rest (the reply and what the extractor kept) only for an answer.
-RESULT_COLUMNS = (
-    "via", "answered_at", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "error_code",
-    "error_message", "cost_usd", "state", "reply_text", "finish", "prompt", "detail", "method", "suspect",
-)  # fmt: skip
-FAILED_COLUMNS = 10
 CHUNK = 2000  # rows per bulk statement: keeps memory flat and statements under SQLite's variable limit
 
 
@@ -572,11 +567,11 @@ class Store:
 
     @contextmanager
     def staging(self) -> Iterator[None]:
-        """A fresh temp.hb_staged for stage_results(), filled in one transaction (of the temp tables only: nothing
-        of the ledger changes until apply_staged); dropped again when the block fails."""
+        """A fresh temp.hb_staged for stage_results(), in one transaction (a savepoint of the caller's): when the
+        block fails, what apply_staged wrote in it goes too, and the staged rows are dropped."""
         db = self._db.conn
         db.execute("DROP TABLE IF EXISTS temp.hb_staged")
-        db.execute(f"CREATE TEMP TABLE hb_staged (rid INTEGER, rbatch TEXT, full INTEGER, {', '.join(RESULT_COLUMNS)})")
+        db.execute(f"CREATE TEMP TABLE hb_staged (custom_id TEXT, full INTEGER, {', '.join(RESULT_COLUMNS)})")
         try:
             with self.atomic():
                 yield
@@ -586,20 +581,17 @@ class Store:
 
     def stage_results(self, rows: Sequence[Sequence[Any]]) -> None:
         """Stage result rows, each (custom_id, full, *RESULT_COLUMNS) (full 0: only the first FAILED_COLUMNS are
-        applied), with the rowid and batch of their request; a custom_id the ledger does not know is left out.
-        Inside staging(); the rows keep their file order (the staged rowid)."""
-        marks = ", ".join(f"?{i}" for i in range(2, len(RESULT_COLUMNS) + 3))
-        self._db.conn.executemany(
-            f"INSERT INTO temp.hb_staged (rid, rbatch, full, {', '.join(RESULT_COLUMNS)}) "
-            f"SELECT rowid, batch_id, {marks} FROM requests WHERE custom_id = ?1",
-            rows,
-        )
+        applied), inside staging(); they keep their file order (the staged rowid). Plain inserts: each row's
+        request is found when the stage is applied, in one join."""
+        marks = ", ".join("?" * (len(RESULT_COLUMNS) + 2))
+        self._db.conn.executemany(f"INSERT INTO temp.hb_staged VALUES ({marks})", rows)
 
     def drop_staged(self) -> None:
         self._db.conn.execute("DROP TABLE IF EXISTS temp.hb_staged")
+        self._db.conn.execute("DROP TABLE IF EXISTS temp.hb_map")
 
     def apply_staged(self, from_batch: str | None = None, keep_success: bool = True, twice: bool = True) -> None:
-        """Apply the staged rows to their requests, in the ledger's row order, and drop them; request_stats kept.
+        """Apply the staged rows to their requests, in the ledger's row order, and empty the stage.
 
         With keep_success, a request that already has a good answer is never overwritten by a worse one (a late
         line from an older batch of the same request). With from_batch, a line read again from an older batch (a
@@ -609,15 +601,22 @@ class Store:
         ... FROM sorted by rowid. A custom_id found twice (`twice`: the caller knows if any was) is applied line
         by line in file order. Run inside the caller's transaction."""
         with self._db.atomic():
-            # request_stats: the batch's requests are counted again after; rows of other requests (a line of an
-            # older batch read again) are taken away and added back.
+            # request_stats: rows of other batches' requests (a line of an older batch read again) are taken away
+            # and added back; the caller counts from_batch's requests again (recount_batch) once all is applied.
+            db = self._db.conn
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS hb_map (seq INTEGER PRIMARY KEY, rid INTEGER, rbatch TEXT)")
+            db.execute("DELETE FROM temp.hb_map")
+            # Each staged row's request, found once (one join): the update and the counts use it.
+            db.execute(
+                "INSERT INTO temp.hb_map SELECT x.rowid, r.rowid, r.batch_id FROM temp.hb_staged x "
+                "JOIN requests r ON r.custom_id = x.custom_id"
+            )
             other, args = ("rbatch IS NOT ?", [from_batch]) if from_batch is not None else ("1", [])
-            scope = self._scope(f"rowid IN (SELECT rid FROM temp.hb_staged WHERE {other})", args)
+            scope = self._scope(f"rowid IN (SELECT rid FROM temp.hb_map WHERE {other})", args)
             with self._counted(scope):
                 self._apply_staged(from_batch, keep_success, twice)
-            if from_batch is not None:
-                self._recount_batch(from_batch)
-            self.drop_staged()
+            db.execute("DELETE FROM temp.hb_staged")
+            db.execute("DELETE FROM temp.hb_map")
 
     def _apply_staged(self, from_batch: str | None, keep_success: bool, twice: bool) -> None:
         """Apply temp.hb_staged to the requests in rowid order, under apply_staged's guards."""
@@ -635,19 +634,20 @@ class Store:
 
         def apply(where: str, where_args: Sequence[Any] = ()) -> None:
             db.execute(
-                f"UPDATE requests SET updated_at = ?3{sets} FROM (SELECT * FROM temp.hb_staged WHERE {where} "
-                f"ORDER BY rid) AS s WHERE requests.rowid = s.rid{guard}",
+                f"UPDATE requests SET updated_at = ?3{sets} FROM (SELECT m.rid, x.* FROM temp.hb_map m "
+                f"JOIN temp.hb_staged x ON x.rowid = m.seq WHERE {where} ORDER BY m.rid) AS s "
+                f"WHERE requests.rowid = s.rid{guard}",
                 [*args, *where_args],
             )
 
-        found = db.execute("SELECT rid FROM temp.hb_staged GROUP BY rid HAVING count(*) > 1") if twice else []
+        found = db.execute("SELECT custom_id FROM temp.hb_staged GROUP BY 1 HAVING count(*) > 1") if twice else []
         for chunk in _chunks([r[0] for r in found], 500):  # a custom_id seen twice: its lines one by one, in order
             marks = ",".join("?" * len(chunk))
             for (seq,) in db.execute(
-                f"SELECT rowid FROM temp.hb_staged WHERE rid IN ({marks}) ORDER BY rowid", chunk
+                f"SELECT rowid FROM temp.hb_staged WHERE custom_id IN ({marks}) ORDER BY rowid", chunk
             ).fetchall():
-                apply("rowid = ?4", [seq])
-            db.execute(f"DELETE FROM temp.hb_staged WHERE rid IN ({marks})", chunk)
+                apply("x.rowid = ?4", [seq])
+            db.execute(f"DELETE FROM temp.hb_staged WHERE custom_id IN ({marks})", chunk)
         apply("1")
 
     def mark_unanswered(self, batch_id: str, state: str, message: str) -> int:
@@ -659,7 +659,7 @@ class Store:
                 [state, state, message, time.time(), batch_id, RequestState.SUBMITTED],
             )
             if cur.rowcount:
-                self._recount_batch(batch_id)
+                self.recount_batch(batch_id)
         return int(cur.rowcount)
 
     def stored_replies(self, job: str | None = None) -> Iterator[dict[str, Any]]:
@@ -1273,8 +1273,9 @@ class Store:
         db.execute(f"INSERT INTO temp.hb_scope SELECT rowid FROM requests WHERE {where}", list(args))
         return "rowid IN (SELECT rid FROM temp.hb_scope)"
 
-    def _recount_batch(self, batch_id: str) -> None:
-        """request_stats of one batch's requests counted again from them (one pass over its index)."""
+    def recount_batch(self, batch_id: str) -> None:
+        """request_stats of one batch's requests counted again from them (one pass over its index), in the
+        caller's transaction."""
         self._db.execute("DELETE FROM request_stats WHERE batch_id = ?", [batch_id])
         self._stats_add(1, "batch_id = ?", [batch_id])
 
