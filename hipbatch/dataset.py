@@ -66,8 +66,13 @@ def write_dataset(
         stale.unlink(missing_ok=True)  # left by a killed run; callers hold the state-dir lock
     part = output.with_name(f".{output.name}.{os.getpid()}.part")
     try:
-        rows = store.dataset_tuples(job) if kept is None else kept.watch(store.dataset_tuples(job))
-        n = _write_parquet(rows, part, fields) if fmt == "parquet" else _write_text(rows, part, fmt, fields)
+        if fields is None and fmt != "parquet" and store.sql_json_like_python():
+            # The default record made by SQLite itself (json_quote escapes as json.dumps does): no Python per field
+            made = store.dataset_lines(job)
+            n = _write_text((r[0] for r in made) if kept is None else kept.watch_lines(made), part, fmt)
+        else:
+            rows = store.dataset_tuples(job) if kept is None else kept.watch(store.dataset_tuples(job))
+            n = _write_parquet(rows, part, fields) if fmt == "parquet" else _write_text(_lines(rows, fields), part, fmt)
         if n == 0 and _has_records(output, fmt):
             return Written(0, replaced=False, kept_because=f"{store.state_dir} holds no records for it")
         os.replace(part, output)
@@ -76,12 +81,15 @@ def write_dataset(
     return Written(n)
 
 
-def _write_text(rows: Iterable[tuple[Any, ...]], part: Path, fmt: str, fields: Sequence[str] | None) -> int:
+def _lines(rows: Iterable[tuple[Any, ...]], fields: Sequence[str] | None) -> Iterator[str]:
+    return _record_lines(rows) if fields is None else (record_json(r) for r in _records(rows, fields))
+
+
+def _write_text(lines: Iterable[str], part: Path, fmt: str) -> int:
     n = 0
     with part.open("w", encoding="utf-8") as fh:
         if fmt == "json":
             fh.write("[")
-        lines = _record_lines(rows) if fields is None else (record_json(r) for r in _records(rows, fields))
         for text in lines:
             if fmt == "json":
                 fh.write(("\n  " if n == 0 else ",\n  ") + text)
@@ -207,6 +215,19 @@ class KeptPrompts:
             else:
                 seen.lengths.append(len(row[2]))
             yield row
+
+    def watch_lines(self, rows: Iterable[tuple[str, str, str, int, str | None]]) -> Iterator[str]:
+        """The record lines of Store.dataset_lines rows (line, job, file name, prompt length, suspect), each seen."""
+        jobs = self.jobs
+        for line, job, name, length, suspect in rows:
+            seen = jobs.get(job)
+            if seen is None:
+                seen = jobs[job] = _JobPrompts()
+            if suspect:
+                seen.suspects.append((name, suspect, length))
+            else:
+                seen.lengths.append(length)
+            yield line
 
     def overlong(self, job: str) -> float:
         """Length over which a kept prompt of the job is suspect (inf when it has none)."""

@@ -75,6 +75,16 @@ class TokenRates:
     input_includes_cache: bool = False
 
 
+#: The dataset's default record (dataset.record_json's keys and spacing) as SQL over files f and requests r, then
+#: the job, file name, prompt length and suspect (for the summary of what was kept).
+_RECORD_SQL = (
+    "'{\"file_name\": ' || json_quote(f.file_name) || ', \"english_prompt\": ' || json_quote(r.prompt) || "
+    "', \"custom_id\": ' || json_quote(r.custom_id) || ', \"provider\": ' || json_quote(r.provider) || "
+    "', \"model\": ' || json_quote(r.model) || ', \"job\": ' || json_quote(f.job) || ', \"via\": ' || "
+    "json_quote(coalesce(r.via, 'batch')) || '}', f.job, f.file_name, length(r.prompt), r.suspect"
+)
+
+
 # ---- checks before the store is trusted, and SQLite failures as one line --------------------------------------
 
 DB_NAME = "hipbatch.db"
@@ -289,6 +299,7 @@ class Store:
         """Open the state dir's store, checked first; with create (commands that send), make it if missing."""
         self.state_dir = state_dir
         self.path = state_dir / DB_NAME
+        self._json_checked: bool | None = None
         _check_dir(state_dir, create)
         self.lock = StateLock(state_dir)
         if not self.path.exists() and not self.path.is_symlink():
@@ -690,12 +701,37 @@ class Store:
             return
         yield from heapq.merge(*(self._job_dataset(name) for name in names), key=lambda row: (row[1], row[0]))
 
-    def _job_dataset(self, job: str) -> Iterator[tuple[Any, ...]]:
+    def dataset_lines(self, job: str | None = None) -> Iterator[tuple[str, str, str, int, str | None]]:
+        """(default record as a JSON line, job, file name, prompt length, suspect) in dataset order: the record
+        made by SQLite (only where sql_json_like_python())."""
+        names = [job] if job else [r[0] for r in self._db.execute("SELECT name FROM jobs ORDER BY name")]
+        if len(names) == 1:
+            yield from self._job_dataset(names[0], _RECORD_SQL)
+            return
+        yield from heapq.merge(*(self._job_dataset(n, _RECORD_SQL) for n in names), key=lambda r: (r[2], r[1]))
+
+    def sql_json_like_python(self) -> bool:
+        """Whether this SQLite's json_quote() escapes text exactly as json.dumps(ensure_ascii=False) does (checked
+        once, on every kind of character that needs care)."""
+        if self._json_checked is None:
+            from json.encoder import encode_basestring
+
+            probe = "".join(chr(i) for i in range(0x80)) + "\u2028\u2029\u00e9\u65e5\U0001f600\x7f"
+            try:
+                (quoted,) = self._db.execute("SELECT json_quote(?)", [probe]).fetchone()
+            except sqlite3.OperationalError:  # no JSON functions in this SQLite
+                quoted = None
+            self._json_checked = quoted == encode_basestring(probe)
+        return self._json_checked
+
+    def _job_dataset(self, job: str, columns: str | None = None) -> Iterator[tuple[Any, ...]]:
         # CROSS JOIN: the files of the job in their primary-key order, each request looked up by its custom_id
+        columns = (
+            columns or "f.job, f.file_name, r.prompt, r.custom_id, r.provider, r.model, r.via, r.method, r.suspect"
+        )
         yield from self._db.conn.execute(
-            "SELECT f.job, f.file_name, r.prompt, r.custom_id, r.provider, r.model, r.via, r.method, r.suspect "
-            "FROM files f CROSS JOIN requests r ON r.custom_id = f.custom_id WHERE f.job = ? AND r.state = ? "
-            "ORDER BY f.file_name",
+            f"SELECT {columns} FROM files f CROSS JOIN requests r ON r.custom_id = f.custom_id "
+            "WHERE f.job = ? AND r.state = ? ORDER BY f.file_name",
             [job, RequestState.SUCCEEDED],
         )
 

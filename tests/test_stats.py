@@ -174,3 +174,35 @@ def test_suspects_seen_in_the_dataset_pass_are_the_ones_the_queries_find(
     assert from_pass["suspects"] == 3
     assert {s["file_name"] for s in from_pass["suspect_files"]} == set(replies)
     assert any("overlong" in s["why"] for s in from_pass["suspect_files"])
+
+
+def test_records_made_by_sqlite_are_byte_for_byte_the_python_ones(openai_env: LocalBatchServer, tmp_path: Path) -> None:
+    from hipbatch.dataset import KeptPrompts, write_dataset
+    from hipbatch.extract import OVERLONG_FACTOR
+
+    root = make_hip_dir(tmp_path / "kernels", 8)
+    cli("submit", root, "--job", 'odd "job" \\ é')
+    cli("submit", root, "--job", "second")  # two jobs: their records merged by file name
+    cli(*WAIT)
+    db = ledger_db(Path("state"))
+    tricky = 'Write a "kernel" \\ that\ttabs,\nnew lines, \x01\x1f\x7f, é 日本 \u2028\u2029 😀 and more text'
+    db.execute("UPDATE requests SET reply_text = ? WHERE file_name = 'k0001.hip'", [f"<prompt>{tricky}</prompt>"])
+    cli("collect", "--reextract")
+    store = Store(Path("state"))
+    try:
+        assert store.sql_json_like_python()
+        outputs = {}
+        for made_by_sql in (True, False):
+            store._json_checked = made_by_sql
+            for fmt in ("json", "jsonl"):
+                seen = KeptPrompts(OVERLONG_FACTOR)
+                out = tmp_path / f"{made_by_sql}.{fmt}"
+                write_dataset(store, out, fmt, kept=seen)
+                outputs[made_by_sql, fmt] = (out.read_bytes(), {j: seen.suspects(j, 10) for j in seen.jobs})
+    finally:
+        store.close()
+    for fmt in ("json", "jsonl"):
+        assert outputs[True, fmt] == outputs[False, fmt]
+    records = json.loads(outputs[True, "json"][0])
+    assert len(records) == 16 and tricky in {r["english_prompt"] for r in records}
+    assert [(r["file_name"], r["job"]) for r in records] == sorted((r["file_name"], r["job"]) for r in records)
