@@ -639,7 +639,7 @@ def demo_end(done: DemoResult) -> None:
         sample = {"file_name": record["file_name"], "english_prompt": record["english_prompt"]}
         typer.echo(plain(json.dumps(sample, ensure_ascii=False)))
     err(
-        "\nNext: point OPENAI_API_KEY (or ANTHROPIC_API_KEY) at a real account and run "
+        "\nNext: point OPENAI_API_KEY (or ANTHROPIC_API_KEY, GEMINI_API_KEY) at a real account and run "
         "`hipbatch submit DIR` then `hipbatch collect --wait`."
     )
 
