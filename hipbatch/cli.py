@@ -324,7 +324,8 @@ def run(
     ctx: typer.Context,
     input_dir: InputDir,
     provider: Annotated[
-        ProviderName, opt("PROVIDER", "openai, anthropic or gemini (any OpenAI-compatible server through OPENAI_BASE_URL).")
+        ProviderName,
+        opt("PROVIDER", "openai, anthropic or gemini (any OpenAI-compatible server through OPENAI_BASE_URL)."),
     ] = ProviderName.openai,
     model: Model = None,
     template: TemplateName = None,
