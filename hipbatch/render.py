@@ -18,9 +18,10 @@ import jinja2
 from hipbatch.config import check_request
 from hipbatch.errors import TemplateError, UsageError
 from hipbatch.extract import ExtractSettings
-from hipbatch.files import DEFAULT_MAX_FILE_BYTES, read_regular, shown
+from hipbatch.files import DEFAULT_MAX_FILE_BYTES, read_regular
 from hipbatch.files import SkipFile as SkipFile  # re-exported: the callers catch render.SkipFile
 from hipbatch.sandbox import BUDGET, MAX_TEMPLATE_BYTES, Sandbox, error_message
+from hipbatch.text import shown
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when run from one (tests use it)
 DEFAULT_TEMPLATE_DIR = Path("templates/default")  # --template-dir's default: the built-in `default` template
