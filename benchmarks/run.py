@@ -40,6 +40,7 @@ SIZES = {
         "status": 1_000_000,
         "cycle": 10_000,
         "drain": 20_000,
+        "submit": [10_000, 100_000],
     },
     "quick": {
         "dry": [1_000, 10_000],
@@ -48,9 +49,12 @@ SIZES = {
         "status": 100_000,
         "cycle": 2_000,
         "drain": 2_000,
+        "submit": [1_000, 10_000],
     },
 }
-NAMES = ("dry-run", "collect", "resubmit", "status", "cycle", "drain")
+NAMES = ("dry-run", "submit", "help", "collect", "resubmit", "status", "cycle", "drain")
+SUBMIT_TARGETS = (1.3, 1.2)  # submit against its floor: the small size, the large size
+RSS_LIMIT = 150.0  # MB, any command
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Measure:
     code: int
     stdout: str
     stderr: str
+    cpu: float = 0.0  # user + system seconds of the command's process
 
 
 @dataclass
@@ -91,7 +96,8 @@ if pid == 0:
     os.execvp(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as fh:
-    json.dump([time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status)], fh)
+    cpu = usage.ru_utime + usage.ru_stime
+    json.dump([time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status), cpu], fh)
 """
 
 
@@ -111,8 +117,8 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: f
                 timeout=timeout,
                 check=True,
             )
-        seconds, rss_kb, code = json.loads(result.read_text())
-        m = Measure(seconds, rss_kb / 1024, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
+        seconds, rss_kb, code, cpu = json.loads(result.read_text())
+        m = Measure(seconds, rss_kb / 1024, code, out.read_text(errors="replace"), err.read_text(errors="replace"), cpu)
     if m.code != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {m.code}\n{m.stderr[-3000:]}")
     return m
@@ -120,10 +126,14 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: f
 
 def best(n: int, fn: Callable[[], Measure]) -> Measure:
     """The fastest of n runs (the machine is shared), with the largest peak RSS seen."""
-    runs = [fn() for _ in range(n)]
-    fastest = min(runs, key=lambda m: m.seconds)
-    fastest.rss_mb = max(m.rss_mb for m in runs)
-    return fastest
+    return fastest([fn() for _ in range(n)])
+
+
+def fastest(runs: list[Measure]) -> Measure:
+    """The fastest run, with the largest peak RSS of them all."""
+    top = min(runs, key=lambda m: m.seconds)
+    top.rss_mb = max(m.rss_mb for m in runs)
+    return top
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -264,6 +274,127 @@ def bench_resubmit(n: int, work: Path, repeat: int, dry: Row | None) -> list[Row
         )
     )
     return rows
+
+
+def server_env(server: Any, provider: str) -> dict[str, str]:
+    """The child environment pointing one provider's SDK at the local batch server."""
+    if provider == "openai":
+        return child_env(OPENAI_BASE_URL=server.openai_base_url, OPENAI_API_KEY="bench-key")
+    return child_env(ANTHROPIC_BASE_URL=server.anthropic_base_url, ANTHROPIC_API_KEY="bench-key")
+
+
+def bench_submit(provider: str, sizes: list[int], work: Path, repeat: int) -> list[Row]:
+    """A first submit (render, pack, ledger, upload, create) against the floor: the same lines written to
+    files at the same limits, then the same SDK calls, one after the other. Default (largest) shard sizes;
+    a fresh local batch server for every run, and every run checked to have sent each request once."""
+    from hipbatch.emulator import EmulatorConfig, LocalBatchServer
+
+    def once(n: int, cmd: Callable[[Path], list[str]]) -> Measure:
+        state = work / f"submit-{provider}-{n}"
+        shutil.rmtree(state, ignore_errors=True)
+        with LocalBatchServer(port=0, config=EmulatorConfig(polls_to_complete=10**9)) as server:
+            m = run(cmd(state), work, server_env(server, provider))
+            sent = server.stats.sent
+            if len(sent) != n or set(sent.values()) != {1}:
+                raise RuntimeError(f"{cmd(state)[:4]}: {len(sent)} requests sent, {sum(sent.values())} times")
+        shutil.rmtree(state, ignore_errors=True)
+        return m
+
+    rows = []
+    for n, target in zip(sizes, SUBMIT_TARGETS, strict=True):
+        corpus = hip_corpus(n)
+        hb: list[Measure] = []
+        fl: list[Measure] = []
+        for _ in range(repeat):  # interleaved, so both see the same load on the shared machine
+            log(f"submit {provider} {n}: hipbatch")
+            hb.append(once(n, lambda s: hipbatch(s, "submit", str(corpus), "--provider", provider, "--json")))
+            log(f"submit {provider} {n}: floor")
+            fl.append(once(n, lambda s: [PY, str(HERE / "floor_upload.py"), str(corpus), str(s), provider]))
+        m, f = fastest(hb), fastest(fl)
+        report = json.loads(m.stdout)
+        rows.append(
+            Row(
+                f"submit, {provider} (to local server)",
+                f"{n:,} files",
+                m.seconds,
+                m.rss_mb,
+                f.seconds,
+                "write+upload+create",
+                f.rss_mb,
+                f"<= {target}x floor, < {RSS_LIMIT:.0f} MB",
+                m.seconds / f.seconds <= target and m.rss_mb < RSS_LIMIT,
+                f"{len(report['feed']['created'])} batches",
+                extra={"cpu": m.cpu, "floor_cpu": f.cpu, "runs": [h.seconds for h in hb], "floor_runs": [x.seconds for x in fl]},
+            )
+        )
+    return rows
+
+
+def slope_row(name: str, small: Row, large: Row, target: float) -> Row:
+    """Per-file cost between two sizes (start-up cancels out), against the floor's."""
+    assert small.floor is not None and large.floor is not None
+    marginal = (large.seconds - small.seconds) / (large.floor - small.floor)
+    return Row(
+        f"{name}: slope between the two sizes (ratio of per-file costs)",
+        f"{small.size} -> {large.size}",
+        large.seconds - small.seconds,
+        floor=large.floor - small.floor,
+        floor_label="floor's slope",
+        target=f"<= {target}x",
+        ok=marginal <= target,
+    )
+
+
+def rss_rows(rows: list[Row], sizes: list[int]) -> list[Row]:
+    """The largest peak RSS of any command measured, and its growth between the two sizes."""
+    small, large = (f"{n:,} files" for n in sizes)
+    by_size = {
+        label: [r for r in rows if r.rss_mb is not None and r.size.startswith(label)] for label in (small, large)
+    }
+    top = max((r for group in by_size.values() for r in group), key=lambda r: r.rss_mb or 0.0)
+    growth = max((r.rss_mb or 0.0) for r in by_size[large]) - max((r.rss_mb or 0.0) for r in by_size[small])
+    assert top.rss_mb is not None
+    return [
+        Row(
+            "peak RSS, largest of every command above (MB, not seconds)",
+            f"{small} to {large}",
+            0.0,
+            top.rss_mb,
+            target=f"< {RSS_LIMIT:.0f} MB",
+            ok=top.rss_mb < RSS_LIMIT,
+            note=f"MB, not seconds; {top.name}, {top.size}",
+        ),
+        Row(
+            "peak RSS growth, largest command",
+            f"{small} -> {large}",
+            0.0,
+            growth,
+            target="flat (< 20 MB)",
+            ok=growth < 20,
+            note="MB, not seconds",
+        ),
+    ]
+
+
+def bench_help(work: Path, repeat: int) -> Row:
+    """`hipbatch --help` against starting Python itself; and no provider SDK among the modules it imports."""
+    n = max(repeat, 5)
+    m = best(n, lambda: run([PY, "-m", "hipbatch", "--help"], work))
+    f = best(n, lambda: run([PY, "-c", "pass"], work))
+    imported = run([PY, "-X", "importtime", "-m", "hipbatch", "--help"], work).stderr
+    sdks = [mod for mod in ("openai", "anthropic", "google.genai", "httpx2") if re.search(rf"\|\s+{mod}$", imported, re.M)]
+    return Row(
+        "hipbatch --help",
+        "",
+        m.seconds,
+        m.rss_mb,
+        f.seconds,
+        "python -c pass",
+        f.rss_mb,
+        "<= 0.15 s, no SDK imported",
+        m.seconds <= 0.15 and not sdks,
+        "no SDK imported" if not sdks else "IMPORTS " + ", ".join(sdks),
+    )
 
 
 def bench_status(n: int, work: Path, repeat: int) -> list[Row]:
@@ -411,7 +542,7 @@ def table(rows: list[Row]) -> str:
             rss += f" ({r.floor_rss_mb:.0f})"
         met = "" if r.ok is None else ("yes" if r.ok else "**no**")
         name = r.name + (f" ({r.note})" if r.note else "")
-        seconds = "" if r.note == "MB, not seconds" else f"{r.seconds:.2f}"
+        seconds = "" if r.note.startswith("MB, not seconds") else f"{r.seconds:.2f}"
         lines.append(f"| {name} | {r.size} | {seconds} | {ref} | {ratio} | {rss} | {r.target} | {met} |")
     return "\n".join(lines)
 
@@ -505,6 +636,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
     parser.add_argument("--only", action="append", choices=NAMES, help="run only these benchmarks")
+    parser.add_argument("--provider", action="append", choices=("openai", "anthropic"), help="submit: only these")
     parser.add_argument("--repeat", type=int, default=None, help="runs per measurement (best is kept)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     parser.add_argument("--from-json", type=Path, help="measure nothing: report the rows saved by --json")
@@ -554,6 +686,13 @@ def measure(args: argparse.Namespace) -> tuple[str, list[Row]]:
                     note="MB, not seconds",
                 )
             )
+        if "submit" in only:
+            for provider in args.provider or ("openai", "anthropic"):
+                sub = bench_submit(provider, sizes["submit"], work, repeat)
+                rows += sub
+                rows.append(slope_row(f"submit, {provider}", sub[0], sub[-1], SUBMIT_TARGETS[-1]))
+        if "help" in only:
+            rows.append(bench_help(work, repeat))
         if "resubmit" in only:
             rows += bench_resubmit(sizes["resubmit"], work, repeat, dry.get(sizes["resubmit"]))
         if "collect" in only:
@@ -564,6 +703,8 @@ def measure(args: argparse.Namespace) -> tuple[str, list[Row]]:
             rows += bench_cycle(sizes["cycle"], work)
         if "drain" in only:
             rows += bench_drain(sizes["drain"], work)
+    if "submit" in only or "dry-run" in only:
+        rows += rss_rows(rows, sizes["submit"] if "submit" in only else sizes["dry"])
     command = f"python benchmarks/run.py{' --quick' if args.quick else ''}"
     header = f"`{command}` on {machine()}; best of {repeat} runs, each command in its own process (imports included)."
     return header, rows

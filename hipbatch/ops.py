@@ -101,7 +101,7 @@ def submit(ctx: Context, opts: SubmitOptions, out: Out) -> dict[str, Any]:
     from hipbatch.prepare import Source, prepare
     from hipbatch.providers.registry import Adapters, provider_for_job
     from hipbatch.render import iter_discover, load_template
-    from hipbatch.submit import feed
+    from hipbatch.submit import Feeder
 
     config = ctx.config(out)
     template = load_template(opts.template_dir)
@@ -120,19 +120,36 @@ def submit(ctx: Context, opts: SubmitOptions, out: Out) -> dict[str, Any]:
             cost.check_budget(
                 cost.for_prepare(store, prices, trial), opts.max_cost, cost.queued_commitment(store, prices)
             )
-        prep = prepare(
-            store, template, adapter, model, params, source, opts.max_requests_per_batch, opts.dry_run, out.progress()
-        )
-        est = cost.for_prepare(store, prices, prep)
-        result: dict[str, Any] = {"prepare": asdict(prep), "estimate": asdict(est)}
-        out.prepared(prep, est)
         if opts.dry_run:
+            prep = prepare(
+                store, template, adapter, model, params, source, opts.max_requests_per_batch, True, out.progress()
+            )
+            est = cost.for_prepare(store, prices, prep)
+            out.prepared(prep, est)
             if opts.max_cost is not None:
                 cost.check_budget(est, opts.max_cost, cost.queued_commitment(store, prices))
-            return result
-        cost.settle(store, prices)  # record each new request's worst-case cost before it is sent
+            return {"prepare": asdict(prep), "estimate": asdict(est)}
         window = windows(config, opts.max_in_flight_batches, opts.max_enqueued_tokens)
-        fed = feed(store, Adapters(config), window, opts.force, sleep=ctx.clock.sleep, progress=out.progress())
+        # Each shard is sent while the next one is rendered; its requests' worst-case cost is recorded first.
+        with Feeder(
+            store, Adapters(config), window, opts.force, ctx.clock.sleep, lambda s: cost.settle(s, prices)
+        ) as f:
+            prep = prepare(
+                f.store,
+                template,
+                adapter,
+                model,
+                params,
+                source,
+                opts.max_requests_per_batch,
+                False,
+                out.progress(),
+                f.put,
+            )
+            est = cost.for_prepare(f.store, prices, prep)
+            out.prepared(prep, est)
+        fed = f.report
+        result: dict[str, Any] = {"prepare": asdict(prep), "estimate": asdict(est)}
     result["feed"] = asdict(fed)
     out.fed(fed, prep)
     out.feed_problems(fed)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,8 +92,10 @@ def prepare(
     max_requests_per_batch: int | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
+    on_shard: Callable[[int], object] | None = None,
 ) -> PrepareReport:
-    """Render every file, record it, and write the requests the store does not know into shards."""
+    """Render every file, record it, and write the requests the store does not know into shards; each shard
+    id goes to `on_shard` as soon as the shard is recorded (submit sends it while the next one is packed)."""
     progress = progress or NullProgress()
     names = source.names()
     total = source.count() if getattr(progress, "active", False) else None
@@ -112,7 +114,7 @@ def prepare(
             input_dir=str(source.input_dir.resolve()),
             template_dir=str(template.path.resolve()),
         )
-    packer = _Packer(store, provider, model, source.job, params, max_requests_per_batch, report)
+    packer = _Packer(store, provider, model, source.job, params, max_requests_per_batch, report, on_shard)
     with progress.task(f"render {source.job}", total) as bar:
         file_rows = _render_all(template, LineEncoder(provider, model, params), source, names, packer, bar)
     packer.writer.close()
@@ -179,8 +181,10 @@ class _Packer:
         params: dict[str, Any],
         max_requests_per_batch: int | None,
         report: PrepareReport,
+        on_shard: Callable[[int], object] | None = None,
     ) -> None:
         self.store, self.provider, self.model, self.job, self.report = store, provider, model, job, report
+        self.on_shard = on_shard
         self.stamp = time.time()
         dry = report.dry_run
         shard_dir = store.state_dir / ("dry-run" if dry else "shards") / safe_name(job)
@@ -232,7 +236,7 @@ class _Packer:
             return
         p = self.provider
         fixed = {"job": self.job, "provider": p.name, "model": self.model, "endpoint": p.endpoint}
-        self.store.add_shard(
+        shard_id = self.store.add_shard(
             {
                 **fixed,
                 "key": shard.key,
@@ -248,3 +252,5 @@ class _Packer:
             ),
         )
         shard.requests.clear()
+        if self.on_shard is not None:
+            self.on_shard(shard_id)
