@@ -307,9 +307,9 @@ def bench_submit(provider: str, sizes: list[int], work: Path, repeat: int) -> li
         fl: list[Measure] = []
         for _ in range(repeat):  # interleaved, so both see the same load on the shared machine
             log(f"submit {provider} {n}: hipbatch")
-            hb.append(once(n, lambda s: hipbatch(s, "submit", str(corpus), "--provider", provider, "--json")))
+            hb.append(once(n, lambda s, c=corpus: hipbatch(s, "submit", str(c), "--provider", provider, "--json")))
             log(f"submit {provider} {n}: floor")
-            fl.append(once(n, lambda s: [PY, str(HERE / "floor_upload.py"), str(corpus), str(s), provider]))
+            fl.append(once(n, lambda s, c=corpus: [PY, str(HERE / "floor_upload.py"), str(c), str(s), provider]))
         m, f = fastest(hb), fastest(fl)
         report = json.loads(m.stdout)
         rows.append(
@@ -324,7 +324,8 @@ def bench_submit(provider: str, sizes: list[int], work: Path, repeat: int) -> li
                 f"<= {target}x floor, < {RSS_LIMIT:.0f} MB",
                 m.seconds / f.seconds <= target and m.rss_mb < RSS_LIMIT,
                 f"{len(report['feed']['created'])} batches",
-                extra={"cpu": m.cpu, "floor_cpu": f.cpu, "runs": [h.seconds for h in hb], "floor_runs": [x.seconds for x in fl]},
+                extra={"cpu": m.cpu, "floor_cpu": f.cpu, "runs": [h.seconds for h in hb]}
+                | {"floor_runs": [x.seconds for x in fl]},
             )
         )
     return rows
@@ -382,7 +383,7 @@ def bench_help(work: Path, repeat: int) -> Row:
     m = best(n, lambda: run([PY, "-m", "hipbatch", "--help"], work))
     f = best(n, lambda: run([PY, "-c", "pass"], work))
     imported = run([PY, "-X", "importtime", "-m", "hipbatch", "--help"], work).stderr
-    sdks = [mod for mod in ("openai", "anthropic", "google.genai", "httpx2") if re.search(rf"\|\s+{mod}$", imported, re.M)]
+    sdks = [m for m in ("openai", "anthropic", "google.genai", "httpx2") if re.search(rf"\|\s+{m}$", imported, re.M)]
     return Row(
         "hipbatch --help",
         "",

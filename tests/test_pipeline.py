@@ -20,6 +20,7 @@ from hipbatch.prepare import Source, prepare
 from hipbatch.providers import Provider, ProviderSettings, get_provider
 from hipbatch.providers.anthropic import request_body
 from hipbatch.providers.registry import Adapters, provider_for_job
+from hipbatch.records import ShardState
 from hipbatch.render import load_template
 from hipbatch.store import Store
 from hipbatch.submit import Feeder
@@ -72,13 +73,13 @@ def test_a_shard_is_sent_while_the_next_one_is_rendered(
     root = make_hip_dir(tmp_path / "kernels", 9)
     started: list[tuple[str, str]] = []
     event = threading.Event()
-    adapters = Adapters(load_config(None), lambda s: Watched(get_provider(s), started, event))  # type: ignore[arg-type,return-value]
+    adapters = Adapters(load_config(None), lambda s: Watched(get_provider(s), started, event))  # type: ignore[return-value]
     seen_while_packing: list[int] = []
 
     def on_shard(feeder: Feeder, shard_id: int) -> None:
         if not seen_while_packing:  # the first shard: its send starts before the second shard is rendered
             assert event.wait(20), "the first shard was not sent while the others were still to render"
-            seen_while_packing.append(len(feeder.store.shards_in_states(["queued", "uploading", "creating"])))
+            seen_while_packing.append(len(feeder.store.shards_in_states(list(ShardState))))
 
     feeder = pipelined_submit(root, provider, 3, adapters, on_shard)
     assert seen_while_packing == [1]  # only the first shard was recorded when its send began
