@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -111,41 +112,29 @@ def submit(ctx: Context, opts: SubmitOptions, out: Out) -> dict[str, Any]:
     if not opts.dry_run:
         adapter.check_key()  # before anything is written or sent
         poll.retrying(adapter.check_model, model, sleep=ctx.clock.sleep)
+    pack = partial(prepare, template=template, provider=adapter, model=model, params=params, source=source)
+    pack = partial(pack, max_requests_per_batch=opts.max_requests_per_batch)
     store = ctx.store()
     with locked(store):
         prices = cost.load_prices(config)
         if opts.max_cost is not None and not opts.dry_run:
             # The budget is checked on a dry run first, so an over-budget run leaves nothing queued behind.
-            trial = prepare(store, template, adapter, model, params, source, opts.max_requests_per_batch, True)
+            trial = pack(store, dry_run=True)
             cost.check_budget(
                 cost.for_prepare(store, prices, trial), opts.max_cost, cost.queued_commitment(store, prices)
             )
         if opts.dry_run:
-            prep = prepare(
-                store, template, adapter, model, params, source, opts.max_requests_per_batch, True, out.progress()
-            )
+            prep = pack(store, dry_run=True, progress=out.progress())
             est = cost.for_prepare(store, prices, prep)
             out.prepared(prep, est)
             if opts.max_cost is not None:
                 cost.check_budget(est, opts.max_cost, cost.queued_commitment(store, prices))
             return {"prepare": asdict(prep), "estimate": asdict(est)}
         window = windows(config, opts.max_in_flight_batches, opts.max_enqueued_tokens)
+        adapters = Adapters(config, ready=[adapter])  # the adapter (and SDK client) that checked the model
         # Each shard is sent while the next one is rendered; its requests' worst-case cost is recorded first.
-        with Feeder(
-            store, Adapters(config), window, opts.force, ctx.clock.sleep, lambda s: cost.settle(s, prices)
-        ) as f:
-            prep = prepare(
-                f.store,
-                template,
-                adapter,
-                model,
-                params,
-                source,
-                opts.max_requests_per_batch,
-                False,
-                out.progress(),
-                f.put,
-            )
+        with Feeder(store, adapters, window, opts.force, ctx.clock.sleep, partial(cost.settle, prices=prices)) as f:
+            prep = pack(f.store, progress=out.progress(), on_shard=f.put)
             est = cost.for_prepare(f.store, prices, prep)
             out.prepared(prep, est)
         fed = f.report
