@@ -16,6 +16,7 @@ import pytest
 
 from hipbatch.config import load_config
 from hipbatch.emulator import LocalBatchServer
+from hipbatch.pack import Shard, ShardWriter
 from hipbatch.prepare import Source, prepare
 from hipbatch.providers import Provider, ProviderSettings, get_provider
 from hipbatch.providers.anthropic import request_body
@@ -187,6 +188,19 @@ def test_upload_and_create_stream_from_the_shard_file(provider: str, server: Loc
     assert result["peak"] < 3_000_000, f"{provider}: {result['peak'] / 1e6:.1f} MB for a {size / 1e6:.0f} MB shard"
     assert server.stats.batches_created == 1 and result["id"]
     assert len(server.stats.sent) == 400 and set(server.stats.sent.values()) == {1}  # every request, once
+
+
+def test_durable_shards_are_synced_while_written(tmp_path: Path) -> None:
+    lines = [json.dumps({"custom_id": f"c{i}", "text": "x" * (1000 + i)}).encode() + b"\n" for i in range(3000)]
+    closed: list[Shard] = []
+    writer = ShardWriter(tmp_path, "s", 2000, 1 << 30, on_close=closed.append, sync_every=256 * 1024)
+    for i, line in enumerate(lines):
+        writer.add(line, f"c{i}", 1)
+    writer.close()
+    assert writer.background_syncs >= 2  # 3 MB in two shards: a sync every 256 KB unless one still runs
+    assert [s.n_requests for s in closed] == [2000, 1000]
+    assert b"".join(s.path.read_bytes() for s in closed) == b"".join(lines)
+    assert not list(tmp_path.glob("*.part"))
 
 
 @pytest.mark.parametrize("block", [1, 7, 64, 1 << 20])
