@@ -132,9 +132,11 @@ def submit(ctx: Context, opts: SubmitOptions, out: Out) -> dict[str, Any]:
             return {"prepare": asdict(prep), "estimate": asdict(est)}
         window = windows(config, opts.max_in_flight_batches, opts.max_enqueued_tokens)
         adapters = Adapters(config, ready=[adapter])  # the adapter (and SDK client) that checked the model
-        # Each shard is sent while the next one is rendered; its requests' worst-case cost is recorded first.
+        # Each shard is sent while the next one is rendered; its requests' worst-case cost is recorded with them
+        # (and settled once, before the first send, for shards queued earlier).
+        est_cost = cost.request_estimator(store, prices, adapter.name, model)
         with Feeder(store, adapters, window, opts.force, ctx.clock.sleep, partial(cost.settle, prices=prices)) as f:
-            prep = pack(f.store, progress=out.progress(), on_shard=f.put)
+            prep = pack(f.store, progress=out.progress(), on_shard=f.put, est_cost=est_cost)
             est = cost.for_prepare(f.store, prices, prep)
             out.prepared(prep, est)
         fed = f.report

@@ -93,9 +93,11 @@ def prepare(
     dry_run: bool = False,
     progress: Progress | None = None,
     on_shard: Callable[[int], object] | None = None,
+    est_cost: Callable[[int, int], float] | None = None,
 ) -> PrepareReport:
     """Render every file, record it, and write the requests the store does not know into shards; each shard
-    id goes to `on_shard` as soon as the shard is recorded (submit sends it while the next one is packed)."""
+    id goes to `on_shard` as soon as the shard is recorded (submit sends it while the next one is packed).
+    `est_cost(input tokens, max_tokens)` gives each request's worst-case cost, recorded with it."""
     progress = progress or NullProgress()
     names = source.names()
     total = source.count() if getattr(progress, "active", False) else None
@@ -115,6 +117,7 @@ def prepare(
             template_dir=str(template.path.resolve()),
         )
     packer = _Packer(store, provider, model, source.job, params, max_requests_per_batch, report, on_shard)
+    packer.est_cost = est_cost
     with progress.task(f"render {source.job}", total) as bar:
         file_rows = _render_all(template, LineEncoder(provider, model, params), source, names, packer, bar)
     packer.writer.close()
@@ -185,6 +188,7 @@ class _Packer:
     ) -> None:
         self.store, self.provider, self.model, self.job, self.report = store, provider, model, job, report
         self.on_shard = on_shard
+        self.est_cost: Callable[[int, int], float] | None = None
         self.stamp = time.time()
         dry = report.dry_run
         shard_dir = store.state_dir / ("dry-run" if dry else "shards") / safe_name(job)
@@ -245,12 +249,16 @@ class _Packer:
                 "n_bytes": shard.n_bytes,
                 "est_tokens": shard.est_tokens,
             },
-            (
-                {"custom_id": cid, "file_name": name, "est_input_tokens": tokens, "max_tokens": self.report.max_tokens}
-                | fixed
-                for cid, name, tokens in shard.requests
-            ),
+            self._request_rows(shard, fixed),
         )
         shard.requests.clear()
         if self.on_shard is not None:
             self.on_shard(shard_id)
+
+    def _request_rows(self, shard: Shard, fixed: dict[str, str]) -> Iterator[dict[str, Any]]:
+        max_tokens, est_cost = self.report.max_tokens, self.est_cost
+        for cid, name, tokens in shard.requests:
+            row = {"custom_id": cid, "file_name": name, "est_input_tokens": tokens, "max_tokens": max_tokens} | fixed
+            if est_cost is not None:
+                row["est_cost_usd"] = est_cost(tokens, max_tokens)
+            yield row

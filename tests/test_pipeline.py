@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from hipbatch import cost
 from hipbatch.config import load_config
 from hipbatch.emulator import LocalBatchServer
 from hipbatch.pack import Shard, ShardWriter
@@ -25,7 +26,7 @@ from hipbatch.records import ShardState
 from hipbatch.render import load_template
 from hipbatch.store import Store
 from hipbatch.submit import Feeder
-from tests.conftest import cli, env_without_keys, make_hip_dir
+from tests.conftest import cli, env_without_keys, ledger_db, make_hip_dir
 from tests.test_crash import STATE, WAIT, Killed, assert_nothing_lost_nothing_twice, crashing
 
 
@@ -143,6 +144,31 @@ def test_submit_cli_pipelines_and_reports(provider: str, server: LocalBatchServe
     assert len(store.shards_in_states(["submitted"])) == 3
     assert store.request_counts() == {"submitted": 10}
     store.close()
+
+
+def test_submit_records_the_worst_case_cost_settle_would(
+    provider: str, server: LocalBatchServer, tmp_path: Path
+) -> None:
+    root = make_hip_dir(tmp_path / "kernels", 6)
+    cli("submit", root, "--provider", provider)
+    cli(*WAIT)  # answers: the next estimate is calibrated by the tokens the server reported
+    make_hip_dir(root, 4, start=6)
+    cli("submit", root, "--provider", provider)
+    db = ledger_db(STATE)
+    rows = list(db.query("SELECT custom_id, model, est_cost_usd FROM requests WHERE state = 'submitted'"))
+    recorded = {r["custom_id"]: r["est_cost_usd"] for r in rows}
+    assert len(recorded) == 4 and all(v is not None and v > 0 for v in recorded.values())
+    prices = cost.load_prices(load_config(None))
+    price = prices.lookup(provider, rows[0]["model"])
+    assert price is not None
+    store = Store(STATE)
+    calibrated = cost.calibration(store, provider, rows[0]["model"], price.input_includes_cache)
+    assert calibrated.samples == 6 and calibrated.ratio not in (None, 1.0)  # a real calibration is applied
+    db.execute("UPDATE requests SET est_cost_usd = NULL")  # what settle computes on its own, for comparison
+    cost.settle(store, prices)
+    store.close()
+    settled = {r["custom_id"]: r["est_cost_usd"] for r in db.query("SELECT * FROM requests WHERE state = 'submitted'")}
+    assert settled == recorded  # the same floats, to the last bit
 
 
 # ---- streaming from the shard file ---------------------------------------------------------------
