@@ -148,6 +148,7 @@ def _render_all(
     report, job = packer.report, source.job
     file_rows: list[dict[str, Any]] = []
     chunk: list[Rendered] = []
+    system_tokens: tuple[str, int] = ("", estimate_tokens(""))  # the shared system prompt's, counted once
     for name in names:
         report.files += 1
         try:
@@ -159,7 +160,9 @@ def _render_all(
             continue
         system, user = template.render(code, name)
         cid, line = encoder.encode(system, user)
-        chunk.append((name, cid, line, estimate_tokens(system) + estimate_tokens(user)))
+        if system is not system_tokens[0]:
+            system_tokens = (system, estimate_tokens(system))
+        chunk.append((name, cid, line, system_tokens[1] + estimate_tokens(user)))
         if len(chunk) >= RENDER_CHUNK:
             packer.add_chunk(chunk, file_rows)
             bar.advance(len(chunk))
