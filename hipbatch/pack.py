@@ -131,11 +131,15 @@ class ShardWriter:
         durable: bool = True,
         on_close: Callable[[Shard], None] | None = None,
         sync_every: int = SYNC_EVERY,
+        ramp_from: int | None = None,
     ) -> None:
         self.directory = directory
         self.prefix = prefix
         self.max_requests = max_requests
         self.max_bytes = max_bytes
+        # With ramp_from, the first shard holds at most that many bytes and each next one twice the last, up to
+        # max_bytes: a pipelined submit starts sending early (see prepare.RAMP_FROM).
+        self.shard_bytes = min(ramp_from or max_bytes, max_bytes)
         self.durable = durable  # fsync each shard before it is renamed and recorded (not for previews)
         self.on_close = on_close
         self.current: Shard | None = None
@@ -154,8 +158,9 @@ class ShardWriter:
         """Add one line (row, if given, is kept for the ledger); returns the shard it closed to make room."""
         closed = None
         cur = self.current
-        if cur is not None and (cur.n_requests >= self.max_requests or cur.n_bytes + len(line) > self.max_bytes):
+        if cur is not None and (cur.n_requests >= self.max_requests or cur.n_bytes + len(line) > self.shard_bytes):
             closed = self.close()
+            self.shard_bytes = min(self.shard_bytes * 2, self.max_bytes)
         if self.current is None:
             key = f"{self.prefix}-{uuid.uuid4().hex[:12]}"
             self.current = Shard(path=self.directory / f"{key}.jsonl", key=key)

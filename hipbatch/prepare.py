@@ -25,6 +25,11 @@ if TYPE_CHECKING:  # jinja2 loads only for commands that render (status and coll
 
 RENDER_CHUNK = 500  # files rendered between two store look-ups (their lines are held meanwhile)
 FILE_ROWS_CHUNK = 5000  # file rows recorded per transaction: a commit per 500 cost 3x as much (1.7 s per 100,000)
+#: The first shard of a run holds at most this many bytes, each next one twice the last up to the provider's
+#: limit (16, 32, 64, 128 MB, then 200 or 256): submit sends a shard while it renders the next, so a job that
+#: would fit one batch starts sending after 16 MB instead of after all of it. A 10,000-file job of 114 MB goes
+#: in 4 batches instead of 1 (about 0.5 s sooner); a 100,000-file one in 11 instead of 8.
+RAMP_FROM = 16 * 1024 * 1024
 
 #: One rendered file: (file name, custom_id, JSONL line, estimated input tokens).
 Rendered = tuple[str, str, bytes, int]
@@ -207,6 +212,7 @@ class _Packer:
             provider.max_bytes,
             durable=not dry,
             on_close=self._record,
+            ramp_from=RAMP_FROM,
         )
 
     def record_files(self, rows: list[dict[str, Any]]) -> None:

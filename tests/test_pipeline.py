@@ -229,6 +229,16 @@ def test_durable_shards_are_synced_while_written(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.part"))
 
 
+def test_shards_ramp_up_to_the_byte_limit(tmp_path: Path) -> None:
+    closed: list[Shard] = []
+    writer = ShardWriter(tmp_path, "s", 10**6, 1000, durable=False, on_close=closed.append, ramp_from=100)
+    for i in range(400):  # 10-byte lines, 4,000 bytes
+        writer.add(b"%09d\n" % i, f"c{i}", 1)
+    writer.close()
+    assert [s.n_bytes for s in closed] == [100, 200, 400, 1000, 1000, 1000, 300]  # then the provider's limit
+    assert b"".join(s.path.read_bytes() for s in closed) == b"".join(b"%09d\n" % i for i in range(400))
+
+
 @pytest.mark.parametrize("block", [1, 7, 64, 1 << 20])
 @pytest.mark.parametrize("ending", [b"\n", b""])
 def test_anthropic_request_body_is_the_lines_as_one_json_array(tmp_path: Path, block: int, ending: bytes) -> None:
