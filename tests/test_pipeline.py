@@ -235,7 +235,7 @@ def test_shards_ramp_up_to_the_byte_limit(tmp_path: Path) -> None:
     for i in range(400):  # 10-byte lines, 4,000 bytes
         writer.add(b"%09d\n" % i, f"c{i}", 1)
     writer.close()
-    assert [s.n_bytes for s in closed] == [100, 200, 400, 1000, 1000, 1000, 300]  # then the provider's limit
+    assert [s.n_bytes for s in closed] == [100, 200, 400, 800, 1000, 1000, 500]  # doubling, then the limit
     assert b"".join(s.path.read_bytes() for s in closed) == b"".join(b"%09d\n" % i for i in range(400))
 
 
