@@ -8,7 +8,6 @@ prints. Nothing here parses arguments or formats tables.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -486,6 +485,8 @@ def demo(
     show_cost: Callable[[Ledger], None],
 ) -> DemoResult:
     """submit, status, collect, cost and report on the bundled examples against an in-process local server."""
+    import tempfile  # here: 8 ms off every other command's start
+
     from hipbatch.emulator import EmulatorConfig, LocalBatchServer
     from hipbatch.render import REPO_ROOT
 
