@@ -122,8 +122,7 @@ def prepare(
             input_dir=str(source.input_dir.resolve()),
             template_dir=str(template.path.resolve()),
         )
-    packer = _Packer(store, provider, model, source.job, params, max_requests_per_batch, report, on_shard)
-    packer.est_cost = est_cost
+    packer = _Packer(store, provider, model, source.job, params, max_requests_per_batch, report, on_shard, est_cost)
     with progress.task(f"render {source.job}", total) as bar:
         file_rows = _render_all(template, LineEncoder(provider, model, params), source, names, packer, bar)
     packer.writer.close()
@@ -194,10 +193,10 @@ class _Packer:
         max_requests_per_batch: int | None,
         report: PrepareReport,
         on_shard: Callable[[int], object] | None = None,
+        est_cost: Callable[[int, int], float] | None = None,
     ) -> None:
         self.store, self.provider, self.model, self.job, self.report = store, provider, model, job, report
-        self.on_shard = on_shard
-        self.est_cost: Callable[[int, int], float] | None = None
+        self.on_shard, self.est_cost = on_shard, est_cost
         self.stamp = time.time()
         dry = report.dry_run
         shard_dir = store.state_dir / ("dry-run" if dry else "shards") / safe_name(job)
