@@ -157,13 +157,18 @@ def bench_dry_run(n: int, work: Path, repeat: int) -> Row:
     corpus = hip_corpus(n)
     state = work / f"dry-{n}"
     floor_out = work / f"floor-{n}.jsonl"
-    log(f"dry-run {n}: hipbatch")
-    m = best(repeat, lambda: warm(corpus) or run(hipbatch(state, "submit", str(corpus), "--dry-run", "--json"), work))
-    log(f"dry-run {n}: floor")
-    f = best(
-        repeat, lambda: warm(corpus) or run([PY, str(HERE / "floor_submit.py"), str(corpus), str(floor_out)], work)
+    runs = alternate(
+        repeats(n, repeat),
+        {
+            "hipbatch": lambda: run(hipbatch(state, "submit", str(corpus), "--dry-run", "--json"), work),
+            "floor": lambda: run([PY, str(HERE / "floor_submit.py"), str(corpus), str(floor_out)], work),
+        },
+        lambda label: warm(corpus) or log(f"dry-run {n}: {label}"),
     )
-    same = _same_lines(sorted((state / "dry-run").rglob("*.jsonl")), floor_out) if n <= 20_000 else None
+    m, f = fastest(runs["hipbatch"]), fastest(runs["floor"])
+    last = runs["hipbatch"][-1]  # its shards are the ones on disk (each dry run replaces the last one)
+    shards = [Path(path) for path in json.loads(last.stdout)["prepare"]["shards"]]  # in the order written
+    same = _same_lines(shards, floor_out) if n <= 20_000 else None
     floor_out.unlink(missing_ok=True)
     ratio = m.seconds / f.seconds
     mb = corpus_bytes(corpus) / 1e6 if n <= 20_000 else n * 0.0114  # ~11.4 KB a file
@@ -286,6 +291,25 @@ def server_env(server: Any, provider: str) -> dict[str, str]:
     return child_env(ANTHROPIC_BASE_URL=server.anthropic_base_url, ANTHROPIC_API_KEY="bench-key")
 
 
+def repeats(n: int, repeat: int) -> int:
+    """Runs per measurement: at least 5 for the small sizes (a few seconds each, and the noisiest ratios)."""
+    return repeat if n >= 100_000 else max(repeat, 5)
+
+
+def alternate(
+    n: int, commands: dict[str, Callable[[], Measure]], before: Callable[[str], object]
+) -> dict[str, list[Measure]]:
+    """n runs of each command, in turns (a b, b a, a b, ...) so that both see the same load; `before(label)`
+    runs before each."""
+    runs: dict[str, list[Measure]] = {label: [] for label in commands}
+    labels = list(commands)
+    for i in range(n):
+        for label in labels if i % 2 == 0 else labels[::-1]:
+            before(label)
+            runs[label].append(commands[label]())
+    return runs
+
+
 def submit_target(n: int) -> float:
     """The issue's target for a submit of n files against its floor."""
     return SUBMIT_TARGETS[1] if n >= 100_000 else SUBMIT_TARGETS[0]
@@ -305,11 +329,9 @@ def bench_submit(provider: str, sizes: list[int], work: Path, repeat: int) -> li
     runs alternate (hipbatch, floor, floor, hipbatch, ...), each after reading the corpus once."""
     from hipbatch.emulator import EmulatorConfig, LocalBatchServer
 
-    def once(n: int, label: str, cmd: Callable[[Path], list[str]]) -> Measure:
+    def once(n: int, cmd: Callable[[Path], list[str]]) -> Measure:
         state = work / f"submit-{provider}-{n}"
         shutil.rmtree(state, ignore_errors=True)
-        warm(hip_corpus(n))
-        log(f"submit {provider} {n}: {label}")
         with LocalBatchServer(port=0, config=EmulatorConfig(polls_to_complete=10**9)) as server:
             m = run(cmd(state), work, server_env(server, provider))
             sent = server.stats.sent
@@ -321,14 +343,16 @@ def bench_submit(provider: str, sizes: list[int], work: Path, repeat: int) -> li
     rows = []
     for n in sizes:
         corpus, target = hip_corpus(n), submit_target(n)
-        runs: dict[str, list[Measure]] = {"hipbatch": [], "floor": []}
-        commands = {
-            "hipbatch": lambda s, c=corpus: hipbatch(s, "submit", str(c), "--provider", provider, "--json"),
-            "floor": lambda s, c=corpus: [PY, str(HERE / "floor_upload.py"), str(c), str(s), provider],
-        }
-        for i in range(repeat):
-            for label in ("hipbatch", "floor") if i % 2 == 0 else ("floor", "hipbatch"):
-                runs[label].append(once(n, label, commands[label]))
+        args = ["submit", str(corpus), "--provider", provider, "--json"]
+        floor = [str(HERE / "floor_upload.py"), str(corpus)]
+        runs = alternate(
+            repeats(n, repeat),
+            {
+                "hipbatch": lambda n=n, a=args: once(n, lambda s: hipbatch(s, *a)),
+                "floor": lambda n=n, f=floor: once(n, lambda s: [PY, *f, str(s), provider]),
+            },
+            lambda label, n=n, c=corpus: warm(c) or log(f"submit {provider} {n}: {label}"),
+        )
         m, f = fastest(runs["hipbatch"]), fastest(runs["floor"])
         report = json.loads(m.stdout)
         rows.append(
@@ -800,7 +824,10 @@ def measure(args: argparse.Namespace) -> tuple[str, list[Row]]:
             rows += bench_drain(sizes["drain"], work)
     picked = "".join(f" --only {name}" for name in NAMES if name in only) if args.only else ""
     command = f"python benchmarks/run.py{' --quick' if args.quick else ''}{picked}"
-    header = f"`{command}` on {machine()}; best of {repeat} runs, each command in its own process (imports included)."
+    header = (
+        f"`{command}` on {machine()}; best of {repeat} runs (of {max(repeat, 5)} below 100,000 files, where a "
+        "run takes seconds), each command in its own process (imports included)."
+    )
     return header, rows
 
 
