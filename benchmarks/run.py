@@ -612,13 +612,17 @@ def notes(rows: list[Row]) -> str:
         lines.append(
             f"- submit --dry-run: per file, hipbatch costs {marginal:.2f}x the floor (the slope between "
             f"the two sizes); each run also pays about {max(fixed, 0):.1f} s of start-up (Python imports, "
-            "the store, the template), most of the gap at the small size. A dry run imports no SDK; typer is "
-            "pinned below 0.29, whose pydantic-based option parsing added 0.3 s to every command."
+            f"the store, the template), {max(fixed, 0) / small.floor:.0%} of the {small.size.split(' (')[0]} "
+            "floor: the gap at the small size, which misses 1.5x whenever that floor runs fast. A dry run "
+            "imports no SDK; typer is pinned below 0.29, whose pydantic-based option parsing added 0.3 s to "
+            "every command."
         )
+    resubmit = next((r for r in rows if r.name.startswith("re-submit") and r.floor), None)
+    extra = f" ({resubmit.seconds - resubmit.floor:+.1f} s here)" if resubmit and resubmit.floor else ""
     lines += [
         "- re-submit: the request ids are recomputed from the rendered text, so a re-submit renders and "
         "escapes every file like a dry run, skips writing the JSONL, looks the ids up 500 at a time, "
-        "and also imports the SDK and checks the model with the provider (about 1.7 s).",
+        f"and also imports the SDK and checks the model with the provider{extra}.",
         "- collect: the floor keeps nothing. hipbatch also records every reply, its extracted prompt, "
         "usage, cost and state in the SQLite ledger, one transaction per batch (lines arrive in any order, "
         "so they are staged and applied in rowid order), then writes the dataset from the ledger sorted by "

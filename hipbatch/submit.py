@@ -106,9 +106,9 @@ class Feeder:
 
     What `feed` would send comes first (interrupted submits, then the shards already queued, as found when the
     Feeder is made), then each shard put, in order; a shard no longer queued when its turn comes is skipped.
-    `before_send(store)` runs once, before the first queued shard is sent (submit settles the worst-case cost
-    of requests queued earlier there). An error in the block stops the worker after its current call; an
-    unexpected error in the worker is raised again when the block ends.
+    `before_send(store)` runs once, before anything is sent (submit settles there the worst-case cost of
+    requests recorded earlier without one; the new ones are recorded with theirs). An error in the block stops
+    the worker after its current call; an unexpected error in the worker is raised again when the block ends.
     """
 
     def __init__(
@@ -151,6 +151,8 @@ class Feeder:
         adapters, window, force, sleep = self._args
         store, report, down = self.store, self.report, set[str]()
         try:
+            if self._before_send is not None:
+                self._before_send(store)
             for shard in self._resume:
                 if not self._stop.is_set():
                     _send_reported(store, adapters, shard, report, force, sleep, down)
@@ -162,9 +164,6 @@ class Feeder:
                 if shard_id in seen or queued.state != ShardState.QUEUED:
                     continue
                 seen.add(shard_id)
-                if self._before_send is not None:
-                    self._before_send(store)
-                    self._before_send = None
                 _send_queued(store, adapters, queued, window, report, force, sleep, down)
         except BaseException as e:  # handed to the caller's thread when the block ends
             self._failure = e
