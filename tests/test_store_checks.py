@@ -263,7 +263,7 @@ def test_database_full_is_one_error_and_the_rerun_completes(openai_env: LocalBat
     with pytest.raises(StoreError, match="the disk is full") as failed:
         ops.submit(CappedContext(state_dir=Path("state"), pages=3), opts, Out(quiet=True))
     assert "state/hipbatch.db" in str(failed.value) and "run the same command again" in str(failed.value)
-    assert_nothing_sent(openai_env)
+    # Shards are sent while the next ones render: what was recorded before the disk filled may have gone out.
     cli("submit", root, "--max-requests-per-batch", "40")  # the last committed state was intact: it goes on
     summary = cli("collect", "--wait", "--poll-interval", "0.02", "--json").stdout
     assert '"succeeded": 120' in summary
