@@ -15,7 +15,6 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any
 
 from corpus import CACHE
 

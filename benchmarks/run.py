@@ -35,22 +35,26 @@ PY = sys.executable
 SIZES = {
     "full": {
         "dry": [10_000, 100_000],
-        "collect": 100_000,
+        "collect": [10_000, 30_000, 100_000],
         "resubmit": 100_000,
         "status": 1_000_000,
         "cycle": 10_000,
         "drain": 20_000,
+        "submit": [10_000, 100_000],
     },
     "quick": {
         "dry": [1_000, 10_000],
-        "collect": 10_000,
+        "collect": [2_000, 6_000, 10_000],
         "resubmit": 10_000,
         "status": 100_000,
         "cycle": 2_000,
         "drain": 2_000,
+        "submit": [1_000, 10_000],
     },
 }
-NAMES = ("dry-run", "collect", "resubmit", "status", "cycle", "drain")
+NAMES = ("dry-run", "submit", "help", "collect", "resubmit", "status", "cycle", "drain")
+SUBMIT_TARGETS = (1.3, 1.2)  # submit against its floor: the small size, the large size
+RSS_LIMIT = 150.0  # MB, any command
 
 
 @dataclass
@@ -60,6 +64,7 @@ class Measure:
     code: int
     stdout: str
     stderr: str
+    cpu: float = 0.0  # user + system seconds of the command's process
 
 
 @dataclass
@@ -91,7 +96,8 @@ if pid == 0:
     os.execvp(sys.argv[2], sys.argv[2:])
 _, status, usage = os.wait4(pid, 0)
 with open(sys.argv[1], "w") as fh:
-    json.dump([time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status)], fh)
+    cpu = usage.ru_utime + usage.ru_stime
+    json.dump([time.perf_counter() - start, usage.ru_maxrss, os.waitstatus_to_exitcode(status), cpu], fh)
 """
 
 
@@ -111,8 +117,8 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: f
                 timeout=timeout,
                 check=True,
             )
-        seconds, rss_kb, code = json.loads(result.read_text())
-        m = Measure(seconds, rss_kb / 1024, code, out.read_text(errors="replace"), err.read_text(errors="replace"))
+        seconds, rss_kb, code, cpu = json.loads(result.read_text())
+        m = Measure(seconds, rss_kb / 1024, code, out.read_text(errors="replace"), err.read_text(errors="replace"), cpu)
     if m.code != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {m.code}\n{m.stderr[-3000:]}")
     return m
@@ -120,10 +126,14 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: f
 
 def best(n: int, fn: Callable[[], Measure]) -> Measure:
     """The fastest of n runs (the machine is shared), with the largest peak RSS seen."""
-    runs = [fn() for _ in range(n)]
-    fastest = min(runs, key=lambda m: m.seconds)
-    fastest.rss_mb = max(m.rss_mb for m in runs)
-    return fastest
+    return fastest([fn() for _ in range(n)])
+
+
+def fastest(runs: list[Measure]) -> Measure:
+    """The fastest run, with the largest peak RSS of them all."""
+    top = min(runs, key=lambda m: m.seconds)
+    top.rss_mb = max(m.rss_mb for m in runs)
+    return top
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -147,11 +157,18 @@ def bench_dry_run(n: int, work: Path, repeat: int) -> Row:
     corpus = hip_corpus(n)
     state = work / f"dry-{n}"
     floor_out = work / f"floor-{n}.jsonl"
-    log(f"dry-run {n}: hipbatch")
-    m = best(repeat, lambda: run(hipbatch(state, "submit", str(corpus), "--dry-run", "--json"), work))
-    log(f"dry-run {n}: floor")
-    f = best(repeat, lambda: run([PY, str(HERE / "floor_submit.py"), str(corpus), str(floor_out)], work))
-    same = _same_lines(sorted((state / "dry-run").rglob("*.jsonl")), floor_out) if n <= 20_000 else None
+    runs = alternate(
+        repeats(n, repeat),
+        {
+            "hipbatch": lambda: run(hipbatch(state, "submit", str(corpus), "--dry-run", "--json"), work),
+            "floor": lambda: run([PY, str(HERE / "floor_submit.py"), str(corpus), str(floor_out)], work),
+        },
+        lambda label: warm(corpus) or log(f"dry-run {n}: {label}"),
+    )
+    m, f = fastest(runs["hipbatch"]), fastest(runs["floor"])
+    last = runs["hipbatch"][-1]  # its shards are the ones on disk (each dry run replaces the last one)
+    shards = [Path(path) for path in json.loads(last.stdout)["prepare"]["shards"]]  # in the order written
+    same = _same_lines(shards, floor_out) if n <= 20_000 else None
     floor_out.unlink(missing_ok=True)
     ratio = m.seconds / f.seconds
     mb = corpus_bytes(corpus) / 1e6 if n <= 20_000 else n * 0.0114  # ~11.4 KB a file
@@ -188,9 +205,9 @@ def bench_collect(n: int, work: Path, repeat: int) -> Row:
     log(f"collect {n}: building the state (cached)")
     pristine = collect_state(n)
     results = sorted((pristine / "results").glob("*.jsonl"))
+    state = work / f"collect-{n}"
 
     def once() -> Measure:
-        state = work / f"collect-{n}"
         shutil.rmtree(state, ignore_errors=True)
         shutil.copytree(pristine, state)
         m = run(hipbatch(state, "collect", "--json", "--output-file", str(work / "collect.json")), work)
@@ -199,13 +216,12 @@ def bench_collect(n: int, work: Path, repeat: int) -> Row:
             raise RuntimeError(f"collect wrote {summary['records']} records, expected {n}")
         return m
 
-    log(f"collect {n}: hipbatch")
-    m = best(repeat, once)
-    log(f"collect {n}: floor")
-    f = best(
-        repeat,
-        lambda: run([PY, str(HERE / "floor_collect.py"), str(work / "floor.json"), *map(str, results)], work),
-    )
+    def floor() -> Measure:
+        return run([PY, str(HERE / "floor_collect.py"), str(work / "floor.json"), *map(str, results)], work)
+
+    log(f"collect {n}: hipbatch and floor, alternately")
+    runs = alternate(repeat if n >= 100_000 else max(repeat, 5), {"hipbatch": once, "floor": floor}, lambda _: None)
+    m, f = fastest(runs["hipbatch"]), fastest(runs["floor"])
     ratio = m.seconds / f.seconds
     return Row(
         "collect (results downloaded)",
@@ -220,6 +236,62 @@ def bench_collect(n: int, work: Path, repeat: int) -> Row:
     )
 
 
+def collect_rows(sizes: list[int], work: Path, repeat: int) -> list[Row]:
+    """collect at each size, the per-line slope between the two smaller sizes against the floor's, the fixed
+    start-up that slope leaves (the intercept), and a collect with nothing left to download (no SDK imported)."""
+    rows = [bench_collect(n, work, repeat) for n in sizes]
+    small, mid = rows[0], rows[1]
+    assert small.floor is not None and mid.floor is not None
+    lines = sizes[1] - sizes[0]
+    slope, floor_slope = (mid.seconds - small.seconds) / lines, (mid.floor - small.floor) / lines
+    ratio = slope / floor_slope if floor_slope > 0 else float("inf")
+    rows.insert(
+        2,
+        Row(
+            "collect, per result line: slope between the two sizes (seconds added, and ratio of per-line costs)",
+            f"{small.size} -> {mid.size}",
+            mid.seconds - small.seconds,
+            floor=mid.floor - small.floor,
+            floor_label="the floor's",
+            target="<= 2x the floor's slope",
+            ok=ratio <= 2.0,
+            note=f"{slope * 1e6:.1f} us a line, floor {floor_slope * 1e6:.1f} us",
+        ),
+    )
+    intercept = small.seconds - slope * sizes[0]
+    state = work / f"collect-{sizes[-1]}"  # collected by the last run: nothing left to download
+    again = best(
+        max(repeat, 5),
+        lambda: run(hipbatch(state, "collect", "--json", "--output-file", str(work / "again.json")), work),
+    )
+    imported = run(
+        [PY, "-X", "importtime", *hipbatch(state, "collect", "--output-file", str(work / "again.json"))[1:]], work
+    ).stderr
+    sdks = [m for m in ("openai", "anthropic", "google.genai") if re.search(rf"\|\s+{m}$", imported, re.M)]
+    rows.insert(
+        3,
+        Row(
+            "collect, fixed start-up (the slope's intercept)",
+            small.size,
+            intercept,
+            target="<= 1.0 s",
+            ok=intercept <= 1.0,
+        ),
+    )
+    rows.append(
+        Row(
+            "collect again, nothing to download (dataset rewritten)",
+            f"{sizes[-1]:,} records",
+            again.seconds,
+            again.rss_mb,
+            target="no SDK imported",
+            ok=not sdks,
+            note="no SDK imported" if not sdks else "IMPORTS " + ", ".join(sdks),
+        )
+    )
+    return rows
+
+
 def bench_resubmit(n: int, work: Path, repeat: int, dry: Row | None) -> list[Row]:
     from hipbatch.emulator import EmulatorConfig, LocalBatchServer
 
@@ -231,6 +303,7 @@ def bench_resubmit(n: int, work: Path, repeat: int, dry: Row | None) -> list[Row
     with LocalBatchServer(port=0, config=EmulatorConfig(polls_to_complete=10**9)) as server:
         env = child_env(OPENAI_BASE_URL=server.openai_base_url, OPENAI_API_KEY="bench-key")
         log(f"resubmit {n}: first submit (to the local batch server)")
+        warm(corpus)
         first = run(hipbatch(state, "submit", str(corpus), "--json"), work, env)
         sent = sum(server.stats.sent.values())
         rows.append(
@@ -243,7 +316,7 @@ def bench_resubmit(n: int, work: Path, repeat: int, dry: Row | None) -> list[Row
             )
         )
         log(f"resubmit {n}: unchanged folder")
-        m = best(repeat, lambda: run(hipbatch(state, "submit", str(corpus), "--json"), work, env))
+        m = best(repeat, lambda: warm(corpus) or run(hipbatch(state, "submit", str(corpus), "--json"), work, env))
         report = json.loads(m.stdout)
         assert report["prepare"]["new"] == 0 and sum(server.stats.sent.values()) == sent, "re-submit sent requests"
     if dry is None:
@@ -266,6 +339,160 @@ def bench_resubmit(n: int, work: Path, repeat: int, dry: Row | None) -> list[Row
     return rows
 
 
+def server_env(server: Any, provider: str) -> dict[str, str]:
+    """The child environment pointing one provider's SDK at the local batch server."""
+    if provider == "openai":
+        return child_env(OPENAI_BASE_URL=server.openai_base_url, OPENAI_API_KEY="bench-key")
+    return child_env(ANTHROPIC_BASE_URL=server.anthropic_base_url, ANTHROPIC_API_KEY="bench-key")
+
+
+def repeats(n: int, repeat: int) -> int:
+    """Runs per measurement: at least 5 for the small sizes (a few seconds each, and the noisiest ratios)."""
+    return repeat if n >= 100_000 else max(repeat, 5)
+
+
+def alternate(
+    n: int, commands: dict[str, Callable[[], Measure]], before: Callable[[str], object]
+) -> dict[str, list[Measure]]:
+    """n runs of each command, in turns (a b, b a, a b, ...) so that both see the same load; `before(label)`
+    runs before each."""
+    runs: dict[str, list[Measure]] = {label: [] for label in commands}
+    labels = list(commands)
+    for i in range(n):
+        for label in labels if i % 2 == 0 else labels[::-1]:
+            before(label)
+            runs[label].append(commands[label]())
+    return runs
+
+
+def submit_target(n: int) -> float:
+    """The issue's target for a submit of n files against its floor."""
+    return SUBMIT_TARGETS[1] if n >= 100_000 else SUBMIT_TARGETS[0]
+
+
+def warm(corpus: Path) -> None:
+    """Read every file once, so that neither hipbatch nor the floor pays for the disk (the page cache of this
+    shared machine is not kept for long)."""
+    for path in corpus.rglob("*.hip"):
+        path.read_bytes()
+
+
+def bench_submit(provider: str, sizes: list[int], work: Path, repeat: int) -> list[Row]:
+    """A first submit (render, pack, ledger, upload, create) against the floor: the same lines written to
+    files at the same limits, then the same SDK calls, one after the other. Default (largest) shard sizes;
+    a fresh local batch server for every run, and every run checked to have sent each request once. The
+    runs alternate (hipbatch, floor, floor, hipbatch, ...), each after reading the corpus once."""
+    from hipbatch.emulator import EmulatorConfig, LocalBatchServer
+
+    def once(n: int, cmd: Callable[[Path], list[str]]) -> Measure:
+        state = work / f"submit-{provider}-{n}"
+        shutil.rmtree(state, ignore_errors=True)
+        with LocalBatchServer(port=0, config=EmulatorConfig(polls_to_complete=10**9)) as server:
+            m = run(cmd(state), work, server_env(server, provider))
+            sent = server.stats.sent
+            if len(sent) != n or set(sent.values()) != {1}:
+                raise RuntimeError(f"{cmd(state)[:4]}: {len(sent)} requests sent, {sum(sent.values())} times")
+        shutil.rmtree(state, ignore_errors=True)
+        return m
+
+    rows = []
+    for n in sizes:
+        corpus, target = hip_corpus(n), submit_target(n)
+        args = ["submit", str(corpus), "--provider", provider, "--json"]
+        floor = [str(HERE / "floor_upload.py"), str(corpus)]
+        runs = alternate(
+            repeats(n, repeat),
+            {
+                "hipbatch": lambda n=n, a=args: once(n, lambda s: hipbatch(s, *a)),
+                "floor": lambda n=n, f=floor: once(n, lambda s: [PY, *f, str(s), provider]),
+            },
+            lambda label, n=n, c=corpus: warm(c) or log(f"submit {provider} {n}: {label}"),
+        )
+        m, f = fastest(runs["hipbatch"]), fastest(runs["floor"])
+        report = json.loads(m.stdout)
+        rows.append(
+            Row(
+                f"submit, {provider} (to local server)",
+                f"{n:,} files",
+                m.seconds,
+                m.rss_mb,
+                f.seconds,
+                "write+upload+create",
+                f.rss_mb,
+                f"<= {target}x floor, < {RSS_LIMIT:.0f} MB",
+                m.seconds / f.seconds <= target and m.rss_mb < RSS_LIMIT,
+                f"{len(report['feed']['created'])} batches",
+                extra={"cpu": m.cpu, "floor_cpu": f.cpu}
+                | {label: [x.seconds for x in measures] for label, measures in runs.items()},
+            )
+        )
+    return rows
+
+
+def slope_row(name: str, small: Row, large: Row) -> Row:
+    """Per-file cost between two sizes (start-up cancels out), against the floor's: shown, no target."""
+    assert small.floor is not None and large.floor is not None
+    return Row(
+        f"{name}: slope between the two sizes (seconds added, and ratio of per-file costs)",
+        f"{small.size} -> {large.size}",
+        large.seconds - small.seconds,
+        floor=large.floor - small.floor,
+        floor_label="the floor's",
+    )
+
+
+def rss_rows(rows: list[Row], sizes: list[int]) -> list[Row]:
+    """The largest peak RSS of any command measured, and its growth between the two sizes."""
+    small, large = (f"{n:,} files" for n in sizes)
+    by_size = {
+        label: [r for r in rows if r.rss_mb is not None and r.size.startswith(label)] for label in (small, large)
+    }
+    top = max((r for group in by_size.values() for r in group), key=lambda r: r.rss_mb or 0.0)
+    growth = max((r.rss_mb or 0.0) for r in by_size[large]) - max((r.rss_mb or 0.0) for r in by_size[small])
+    assert top.rss_mb is not None
+    return [
+        Row(
+            "peak RSS, largest of the rows above",
+            f"{small} to {large}",
+            0.0,
+            top.rss_mb,
+            target=f"< {RSS_LIMIT:.0f} MB",
+            ok=top.rss_mb < RSS_LIMIT,
+            note=f"MB, not seconds; {top.name}, {top.size}",
+        ),
+        Row(
+            "peak RSS growth, largest command",
+            f"{small} -> {large}",
+            0.0,
+            growth,
+            target="flat (< 20 MB)",
+            ok=growth < 20,
+            note="MB, not seconds",
+        ),
+    ]
+
+
+def bench_help(work: Path, repeat: int) -> Row:
+    """`hipbatch --help` against starting Python itself; and no provider SDK among the modules it imports."""
+    n = max(repeat, 5)
+    m = best(n, lambda: run([PY, "-m", "hipbatch", "--help"], work))
+    f = best(n, lambda: run([PY, "-c", "pass"], work))
+    imported = run([PY, "-X", "importtime", "-m", "hipbatch", "--help"], work).stderr
+    sdks = [m for m in ("openai", "anthropic", "google.genai", "httpx2") if re.search(rf"\|\s+{m}$", imported, re.M)]
+    return Row(
+        "hipbatch --help",
+        "",
+        m.seconds,
+        m.rss_mb,
+        f.seconds,
+        "python -c pass",
+        f.rss_mb,
+        "<= 0.15 s, no SDK imported",
+        m.seconds <= 0.15 and not sdks,
+        "no SDK imported" if not sdks else "IMPORTS " + ", ".join(sdks),
+    )
+
+
 def bench_status(n: int, work: Path, repeat: int) -> list[Row]:
     from fixtures import status_state
 
@@ -275,7 +502,7 @@ def bench_status(n: int, work: Path, repeat: int) -> list[Row]:
     for args, label in (((), "status"), (("--json",), "status --json")):
         log(f"{label} {n}")
         m = best(repeat, lambda args=args: run(hipbatch(state, "status", *args), work))
-        rows.append(Row(label, f"{n:,} requests", m.seconds, m.rss_mb, target="< 1 s", ok=m.seconds < 1.0))
+        rows.append(Row(label, f"{n:,} requests", m.seconds, m.rss_mb, target="< 0.5 s", ok=m.seconds < 0.5))
     return rows
 
 
@@ -411,7 +638,7 @@ def table(rows: list[Row]) -> str:
             rss += f" ({r.floor_rss_mb:.0f})"
         met = "" if r.ok is None else ("yes" if r.ok else "**no**")
         name = r.name + (f" ({r.note})" if r.note else "")
-        seconds = "" if r.note == "MB, not seconds" else f"{r.seconds:.2f}"
+        seconds = "" if r.note.startswith("MB, not seconds") else f"{r.seconds:.2f}"
         lines.append(f"| {name} | {r.size} | {seconds} | {ref} | {ratio} | {rss} | {r.target} | {met} |")
     return "\n".join(lines)
 
@@ -422,11 +649,16 @@ def notes(rows: list[Row]) -> str:
     lines = [
         "References: the dry-run floor (`benchmarks/floor_submit.py`) reads the same files and writes "
         "the same request lines (checked byte for byte, apart from the custom_id recipe), escaping each "
-        "file's text once and the constant system prompt once; the collect floor "
+        "file's text once and the constant system prompt once; the submit floor (`benchmarks/floor_upload.py`) "
+        "writes the same lines into files at the provider's limits (no fsync), then makes the same SDK calls "
+        "one after the other (OpenAI `files.create` + `batches.create`, Anthropic one create whose body is "
+        "streamed from the file), to the same local server; the collect floor "
         "(`benchmarks/floor_collect.py`) parses each result line, takes the `<prompt>` tag and streams "
-        "a JSON array. Neither keeps a ledger.",
+        "a JSON array. None keeps a ledger. Every submit run starts on a fresh local server, after the corpus "
+        "was read once; hipbatch and the floor run alternately.",
         "",
     ]
+    lines += submit_notes(rows)
     if len(dry) >= 2:
         small, large = dry[0], dry[-1]
         assert small.floor and large.floor
@@ -435,13 +667,17 @@ def notes(rows: list[Row]) -> str:
         lines.append(
             f"- submit --dry-run: per file, hipbatch costs {marginal:.2f}x the floor (the slope between "
             f"the two sizes); each run also pays about {max(fixed, 0):.1f} s of start-up (Python imports, "
-            "the store, the template), most of the gap at the small size. A dry run imports no SDK; typer is "
-            "pinned below 0.29, whose pydantic-based option parsing added 0.3 s to every command."
+            f"the store, the template), {max(fixed, 0) / small.floor:.0%} of the {small.size.split(' (')[0]} "
+            "floor: the gap at the small size, which misses 1.5x whenever that floor runs fast. A dry run "
+            "imports no SDK; typer is pinned below 0.29, whose pydantic-based option parsing added 0.3 s to "
+            "every command."
         )
+    resubmit = next((r for r in rows if r.name.startswith("re-submit") and r.floor), None)
+    extra = f" ({resubmit.seconds - resubmit.floor:+.1f} s here)" if resubmit and resubmit.floor else ""
     lines += [
         "- re-submit: the request ids are recomputed from the rendered text, so a re-submit renders and "
         "escapes every file like a dry run, skips writing the JSONL, looks the ids up 500 at a time, "
-        "and also imports the SDK and checks the model with the provider (about 1.7 s).",
+        f"and also imports the SDK and checks the model with the provider{extra}.",
         "- collect: the floor keeps nothing. hipbatch also records every reply, its extracted prompt, "
         "usage, cost and state in the SQLite ledger, one transaction per batch (lines arrive in any order, "
         "so they are staged and applied in rowid order), then writes the dataset from the ledger sorted by "
@@ -463,12 +699,44 @@ def notes(rows: list[Row]) -> str:
     missed = [r for r in rows if r.ok is False]
     if missed:
         lines.append("- Missed: " + "; ".join(_miss(r) for r in missed) + ".")
-    lines.append("- The machine is shared: the same command varies by 10-20% from run to run.")
+    lines.append("- The machine is shared: the same command varies by 10-20% from run to run." + spread(rows))
     indent = [
         textwrap.fill(line, 110, subsequent_indent="  " if line.startswith("- ") else "", break_on_hyphens=False)
         for line in lines
     ]
     return "\n".join(indent)
+
+
+def submit_notes(rows: list[Row]) -> list[str]:
+    """What submit does beyond the floor, and what it overlaps."""
+    if not any(r.name.startswith("submit, ") for r in rows):
+        return []
+    return [
+        "- submit: the shards are sent while the rest renders. A worker thread uploads and creates shard n "
+        "(the network waits release the GIL) while the main thread renders and records shard n+1; both reach "
+        "the one SQLite connection through a lock, one transaction per call, and every shard keeps its "
+        "intent-before-call order. The first shard holds 16 MB and each next one twice the last, up to the "
+        "provider's limit, so a job that fits one batch starts sending after 16 MB (10,000 files: 4 batches). "
+        "Beyond the floor hipbatch pays start-up (typer, Jinja, sqlite-utils: ~0.25 s), the model check, the "
+        "ledger (requests and files rows: ~20 us a request), and an fsync of every shard before it is recorded "
+        "(fdatasync in the background every 16 MB while it is written, so the last one is short). On 2 cores "
+        "the local server's own work (it parses every line) competes with the render for the second core, so "
+        "the overlap is worth less here than against a remote provider.",
+        "- Anthropic: the create call's body is streamed from the shard file through the SDK's own client "
+        "(`client.post` with an iterable body and its length; same auth, headers and errors) instead of "
+        "`messages.batches.create(requests=[...])`, which holds every request parsed and then serialised "
+        "again (~1 GB for a shard at the 256 MB limit); shards keep the full 256 MB limit.",
+    ]
+
+
+def spread(rows: list[Row]) -> str:
+    """How far apart the runs of each submit measurement were, as measured in this run."""
+    parts = []
+    for r in rows:
+        runs = r.extra.get("hipbatch") if r.extra else None
+        if runs and len(runs) > 1:
+            parts.append(f"{r.name.split(' (')[0]} {r.size}: {min(runs):.2f}-{max(runs):.2f} s")
+    return (" In this run, hipbatch's submits took " + "; ".join(parts) + ".") if parts else ""
 
 
 def _miss(r: Row) -> str:
@@ -505,22 +773,61 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (a few minutes)")
     parser.add_argument("--only", action="append", choices=NAMES, help="run only these benchmarks")
+    parser.add_argument("--provider", action="append", choices=("openai", "anthropic"), help="submit: only these")
+    parser.add_argument("--submit-size", action="append", type=int, help="submit: these sizes (files), not the default")
     parser.add_argument("--repeat", type=int, default=None, help="runs per measurement (best is kept)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     parser.add_argument("--from-json", type=Path, help="measure nothing: report the rows saved by --json")
     parser.add_argument("--readme", action="store_true", help="put the report under '## Benchmarks' in README.md")
+    parser.add_argument(
+        "--keep", type=Path, help="report with this run the rows of the other benchmarks saved by an earlier --json"
+    )
     args = parser.parse_args()
     if args.from_json:
         data = json.loads(args.from_json.read_text())
         header, rows = data["header"], [Row(**r) for r in data["rows"]]
     else:
         header, rows = measure(args)
+    if args.keep and not args.from_json:
+        header, rows = keep_others(header, rows, json.loads(args.keep.read_text()), set(args.only or NAMES))
     text = header + "\n\n" + table(rows) + "\n\n" + notes(rows)
     print(text)
     if args.json and not args.from_json:
         args.json.write_text(json.dumps({"header": header, "rows": [asdict(r) for r in rows]}, indent=2))
     if args.readme:
         write_readme(text)
+
+
+#: Which benchmark (a --only name) a row comes from, by the start of its name.
+ROW_BENCH = (
+    ("submit --dry-run", "dry-run"),
+    ("peak RSS growth, dry-run", "dry-run"),
+    ("peak RSS", "rss"),
+    ("submit, ", "submit"),
+    ("hipbatch --help", "help"),
+    ("submit (first", "resubmit"),
+    ("re-submit", "resubmit"),
+    ("collect", "collect"),
+    ("status", "status"),
+    ("cycle", "cycle"),
+    ("drain", "drain"),
+)
+
+
+def bench_of(name: str) -> str:
+    return next(bench for start, bench in ROW_BENCH if name.startswith(start))
+
+
+def keep_others(header: str, rows: list[Row], earlier: dict[str, Any], measured: set[str]) -> tuple[str, list[Row]]:
+    """This run's rows, and an earlier run's rows of the benchmarks not measured now, in the usual order."""
+    kept = [Row(**r) for r in earlier["rows"] if bench_of(r["name"]) not in measured | {"rss"}]
+    if not kept:
+        return header, rows
+    order = ["dry-run", "submit", "help", "resubmit", "rss", "collect", "status", "cycle", "drain"]
+    merged = sorted([*rows, *kept], key=lambda r: order.index(bench_of(r.name)))  # stable: each keeps its order
+    names = sorted({bench_of(r.name) for r in kept}, key=order.index)
+    earlier_header = earlier["header"].rstrip(".")
+    return f"{header} Rows of {', '.join(names)}: from an earlier run ({earlier_header}).", merged
 
 
 def measure(args: argparse.Namespace) -> tuple[str, list[Row]]:
@@ -554,18 +861,32 @@ def measure(args: argparse.Namespace) -> tuple[str, list[Row]]:
                     note="MB, not seconds",
                 )
             )
+        if "submit" in only:
+            for provider in args.provider or ("openai", "anthropic"):
+                sub = bench_submit(provider, args.submit_size or sizes["submit"], work, repeat)
+                rows += sub
+                if len(sub) > 1:
+                    rows.append(slope_row(f"submit, {provider}", sub[0], sub[-1]))
+        if "help" in only:
+            rows.append(bench_help(work, repeat))
         if "resubmit" in only:
             rows += bench_resubmit(sizes["resubmit"], work, repeat, dry.get(sizes["resubmit"]))
+        if ("submit" in only and not args.submit_size) or "dry-run" in only:
+            rows += rss_rows(rows, sizes["submit"] if "submit" in only else sizes["dry"])
         if "collect" in only:
-            rows.append(bench_collect(sizes["collect"], work, repeat))
+            rows += collect_rows(sizes["collect"], work, repeat)
         if "status" in only:
             rows += bench_status(sizes["status"], work, repeat)
         if "cycle" in only:
             rows += bench_cycle(sizes["cycle"], work)
         if "drain" in only:
             rows += bench_drain(sizes["drain"], work)
-    command = f"python benchmarks/run.py{' --quick' if args.quick else ''}"
-    header = f"`{command}` on {machine()}; best of {repeat} runs, each command in its own process (imports included)."
+    picked = "".join(f" --only {name}" for name in NAMES if name in only) if args.only else ""
+    command = f"python benchmarks/run.py{' --quick' if args.quick else ''}{picked}"
+    header = (
+        f"`{command}` on {machine()}; best of {repeat} runs (of {max(repeat, 5)} below 100,000 files, where a "
+        "run takes seconds), each command in its own process (imports included)."
+    )
     return header, rows
 
 

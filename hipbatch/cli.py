@@ -43,7 +43,7 @@ from hipbatch.views import Out, print_json
 # Plain help (rich_markup_mode=None): typer's rich panels cost ~100 ms of imports on every --help (measured),
 # over the 150 ms start-up budget.
 app = typer.Typer(
-    help="Turn folders of HIP kernels into English prompts through the OpenAI and Anthropic Batch APIs.\n\n"
+    help="Turn folders of HIP kernels into English prompts through the OpenAI, Anthropic and Gemini Batch APIs.\n\n"
     "Start with `hipbatch demo` (no key needed). Real runs: `hipbatch submit DIR`, `hipbatch status`, "
     "`hipbatch collect --wait`.",
     no_args_is_help=True,
@@ -324,7 +324,8 @@ def run(
     ctx: typer.Context,
     input_dir: InputDir,
     provider: Annotated[
-        ProviderName, opt("PROVIDER", "openai or anthropic (any OpenAI-compatible server through OPENAI_BASE_URL).")
+        ProviderName,
+        opt("PROVIDER", "openai, anthropic or gemini (any OpenAI-compatible server through OPENAI_BASE_URL)."),
     ] = ProviderName.openai,
     model: Model = None,
     template: TemplateName = None,
@@ -389,7 +390,7 @@ def emulator(
         opt("TEXT", "Use this control token (16+ characters), not a random one.", envvar="HIPBATCH_EMULATOR_TOKEN"),
     ] = None,
 ) -> None:
-    """Run the local batch server (OpenAI and Anthropic batch APIs, fake model) until Ctrl-C.
+    """Run the local batch server (OpenAI, Anthropic and Gemini batch APIs, fake model) until Ctrl-C.
 
     It listens on 127.0.0.1 only and answers 413 to bodies over 300 MB. Fault knobs (download_fault, auth_after,
     ...: hipbatch/emulator/config.py) can be changed at runtime with POST /_emulator/config.
@@ -407,7 +408,7 @@ def emulator(
 
 @command(global_options=False)
 def demo(
-    provider: Annotated[ProviderName, opt("PROVIDER", "Which batch API to rehearse: openai or anthropic.")] = (
+    provider: Annotated[ProviderName, opt("PROVIDER", "Which batch API to rehearse: openai, anthropic or gemini.")] = (
         ProviderName.openai
     ),
     output_file: Annotated[Path | None, opt("PATH", "Dataset file (default: data/demo-PROVIDER.json).")] = None,

@@ -59,7 +59,7 @@ JsonOut = Annotated[bool, opt(None, "Print a JSON summary on stdout.", "--json")
 Job = Annotated[str | None, opt("NAME", "Only this job.")]
 JobName = Annotated[str | None, opt("NAME", "Job name (default: the input folder's name).")]
 InputDir = Annotated[Path, typer.Argument(metavar="INPUT_DIR", help="Folder of source files.", show_default=False)]
-Provider = Annotated[ProviderName, opt("PROVIDER", "Batch API to use: openai or anthropic.")]
+Provider = Annotated[ProviderName, opt("PROVIDER", "Batch API to use: openai, anthropic or gemini.")]
 Model = Annotated[str | None, opt("NAME", "Model (default: config, then template).")]
 TemplateDir = Annotated[Path | None, opt("PATH", "Your own template folder (see `hipbatch init`).")]
 TemplateName = Annotated[

@@ -17,8 +17,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from hipbatch.errors import UsageError
-from hipbatch.files import shown
 from hipbatch.providers import PROVIDERS, ProviderSettings, check_name
+from hipbatch.text import shown
 
 REQUEST_PARAMS = ("max_tokens", "temperature", "top_p")
 BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL", "gemini": "GOOGLE_GEMINI_BASE_URL"}

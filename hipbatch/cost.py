@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -370,6 +371,25 @@ def settle(store: Store, prices: PriceTable) -> SettleReport:
             if needs_cost:
                 report.costed += store.fill_costs(provider, model, live, price.rates(live))
     return report
+
+
+def request_estimator(
+    store: Store, prices: PriceTable, provider: str, model: str
+) -> Callable[[int, int], float] | None:
+    """The est_cost_usd settle() gives a new request of this model, from its estimated input tokens and its
+    max_tokens (the same calibration and arithmetic, so the same float), or None when the model has no price:
+    submit records it with the request instead of updating every row afterwards."""
+    price = prices.lookup(provider, model)
+    if price is None:
+        return None
+    ratio = calibration(store, provider, model, price.input_includes_cache).ratio or 1.0
+    rates = price.rates(False)
+    worst_input = max(rates.input, rates.cache_write)
+
+    def est_cost(tokens: int, max_tokens: int) -> float:
+        return (tokens * ratio * worst_input + max_tokens * rates.output) * rates.factor / 1e6
+
+    return est_cost
 
 
 LEDGER_KEYS = (

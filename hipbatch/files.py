@@ -12,6 +12,8 @@ import errno
 import os
 import stat
 
+from hipbatch.text import shown
+
 DEFAULT_MAX_FILE_BYTES = 2 * 1024 * 1024  # no kernel source is this big; bigger files are skipped with a reason
 
 _OPEN_FLAGS = (
@@ -26,13 +28,6 @@ _OPEN_FLAGS = (
 
 class SkipFile(Exception):
     """A source file that cannot be used; the message is the reason recorded."""
-
-
-def shown(text: str) -> str:
-    """Text from outside (a file name, a link target) with control characters escaped, safe to print."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def read_regular(

@@ -559,7 +559,7 @@ def _bar(report: LiveReport, show: bool) -> Iterator[Any]:
         TimeElapsedColumn(),
     ]
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
-        from hipbatch.views import plain
+        from hipbatch.text import plain
 
         task = progress.add_task(plain(f"live {report.job}"), total=report.to_answer, detail="")
 

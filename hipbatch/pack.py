@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,12 +107,19 @@ class Shard:
     ids: set[str] = field(default_factory=set)
 
 
+SYNC_EVERY = 16 * 1024 * 1024  # bytes written between two background fdatasync calls of a durable shard
+
+
 class ShardWriter:
     """Appends lines to the current shard and starts a new one when the next line would not fit.
 
     A shard is written to `<name>.part` and renamed when complete, so a crash never leaves a half-written
     shard under its final name. Each finished shard goes to `on_close` (which records it in the ledger) as soon
     as it is renamed: the one packer behind submit, retry and the local queue.
+
+    A durable shard is fsynced before it is renamed; so that this last fsync has little left to write, every
+    SYNC_EVERY bytes a short-lived thread runs fdatasync on what is written so far while lines keep coming
+    (the disk works while the caller renders; the system call releases the GIL).
     """
 
     def __init__(
@@ -122,15 +130,24 @@ class ShardWriter:
         max_bytes: int,
         durable: bool = True,
         on_close: Callable[[Shard], None] | None = None,
+        sync_every: int = SYNC_EVERY,
+        ramp_from: int | None = None,
     ) -> None:
         self.directory = directory
         self.prefix = prefix
         self.max_requests = max_requests
         self.max_bytes = max_bytes
+        # With ramp_from, the first shard holds at most that many bytes and each next one twice the last, up to
+        # max_bytes: a pipelined submit starts sending early (see prepare.RAMP_FROM).
+        self.shard_bytes = min(ramp_from or max_bytes, max_bytes)
         self.durable = durable  # fsync each shard before it is renamed and recorded (not for previews)
         self.on_close = on_close
         self.current: Shard | None = None
         self._fh: Any = None
+        self.sync_every = sync_every
+        self.background_syncs = 0  # started so far (for tests and profiling)
+        self._unsynced = 0  # bytes written since the last background sync was started
+        self._sync: threading.Thread | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
     def fits_alone(self, line: bytes) -> bool:
@@ -141,8 +158,9 @@ class ShardWriter:
         """Add one line (row, if given, is kept for the ledger); returns the shard it closed to make room."""
         closed = None
         cur = self.current
-        if cur is not None and (cur.n_requests >= self.max_requests or cur.n_bytes + len(line) > self.max_bytes):
+        if cur is not None and (cur.n_requests >= self.max_requests or cur.n_bytes + len(line) > self.shard_bytes):
             closed = self.close()
+            self.shard_bytes = min(self.shard_bytes * 2, self.max_bytes)
         if self.current is None:
             key = f"{self.prefix}-{uuid.uuid4().hex[:12]}"
             self.current = Shard(path=self.directory / f"{key}.jsonl", key=key)
@@ -151,6 +169,10 @@ class ShardWriter:
         self._fh.write(line)
         cur.n_requests += 1
         cur.n_bytes += len(line)
+        if self.durable:
+            self._unsynced += len(line)
+            if self._unsynced >= self.sync_every:
+                self._sync_in_background()
         cur.est_tokens += est_tokens
         if row is not None:
             cur.requests.append(row)
@@ -163,17 +185,42 @@ class ShardWriter:
         if shard is None:
             return None
         self._fh.flush()
+        self._join_sync()  # never close a file a background sync still uses
         if self.durable:
             os.fsync(self._fh.fileno())
         self._fh.close()
+        self._unsynced = 0
         os.replace(shard.path.with_suffix(".jsonl.part"), shard.path)
         if self.on_close is not None:
             self.on_close(shard)
         return shard
 
+    def _sync_in_background(self) -> None:
+        if self._sync is not None and self._sync.is_alive():
+            return  # the disk is still busy with the last one: try again after more lines
+        self._join_sync()
+        self._fh.flush()
+        self._sync = threading.Thread(target=_datasync, args=(self._fh.fileno(),), daemon=True)
+        self._sync.start()
+        self.background_syncs += 1
+        self._unsynced = 0
+
+    def _join_sync(self) -> None:
+        if self._sync is not None:
+            self._sync.join()
+            self._sync = None
+
     def pending_ids(self) -> set[str]:
         """custom_ids in the shard being written."""
         return self.current.ids if self.current else set()
+
+
+def _datasync(fd: int) -> None:
+    """Write a file's data to disk ahead of its final fsync (which reports any error): best effort."""
+    try:
+        getattr(os, "fdatasync", os.fsync)(fd)  # macOS has no fdatasync
+    except OSError:
+        pass
 
 
 def safe_name(name: str, keep: str = "-_") -> str:

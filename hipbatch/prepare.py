@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,12 @@ if TYPE_CHECKING:  # jinja2 loads only for commands that render (status and coll
     from hipbatch.render import Template
 
 RENDER_CHUNK = 500  # files rendered between two store look-ups (their lines are held meanwhile)
+FILE_ROWS_CHUNK = 5000  # file rows recorded per transaction: a commit per 500 cost 3x as much (1.7 s per 100,000)
+#: The first shard of a run holds at most this many bytes, each next one twice the last up to the provider's
+#: limit (16, 32, 64, 128 MB, then 200 or 256): submit sends a shard while it renders the next, so a job that
+#: would fit one batch starts sending after 16 MB instead of after all of it. A 10,000-file job of 114 MB goes
+#: in 4 batches instead of 1 (about 0.5 s sooner); a 100,000-file one in 11 instead of 8.
+RAMP_FROM = 16 * 1024 * 1024
 
 #: One rendered file: (file name, custom_id, JSONL line, estimated input tokens).
 Rendered = tuple[str, str, bytes, int]
@@ -99,8 +105,12 @@ def prepare(
     max_requests_per_batch: int | None = None,
     dry_run: bool = False,
     progress: Progress | None = None,
+    on_shard: Callable[[int], object] | None = None,
+    est_cost: Callable[[int, int], float] | None = None,
 ) -> PrepareReport:
-    """Render every file, record it, and write the requests the store does not know into shards."""
+    """Render every file, record it, and write the requests the store does not know into shards; each shard
+    id goes to `on_shard` as soon as the shard is recorded (submit sends it while the next one is packed).
+    `est_cost(input tokens, max_tokens)` gives each request's worst-case cost, recorded with it."""
     progress = progress or NullProgress()
     names = source.names()
     total = source.count() if getattr(progress, "active", False) else None
@@ -119,7 +129,7 @@ def prepare(
             input_dir=str(source.input_dir.resolve()),
             template_dir=str(template.path.resolve()),
         )
-    packer = _Packer(store, provider, model, source.job, params, max_requests_per_batch, report)
+    packer = _Packer(store, provider, model, source.job, params, max_requests_per_batch, report, on_shard, est_cost)
     with progress.task(f"render {source.job}", total) as bar:
         file_rows = _render_all(template, LineEncoder(provider, model, params), source, names, packer, bar)
     packer.writer.close()
@@ -150,6 +160,7 @@ def _render_all(
     report, job = packer.report, source.job
     file_rows: list[dict[str, Any]] = []
     chunk: list[Rendered] = []
+    system_tokens: tuple[str, int] = ("", estimate_tokens(""))  # the shared system prompt's, counted once
     for name in names:
         report.files += 1
         try:
@@ -161,12 +172,14 @@ def _render_all(
             continue
         system, user = template.render(code, name)
         cid, line = encoder.encode(system, user)
-        chunk.append((name, cid, line, estimate_tokens(system) + estimate_tokens(user)))
+        if system is not system_tokens[0]:
+            system_tokens = (system, estimate_tokens(system))
+        chunk.append((name, cid, line, system_tokens[1] + estimate_tokens(user)))
         if len(chunk) >= RENDER_CHUNK:
             packer.add_chunk(chunk, file_rows)
             bar.advance(len(chunk))
             chunk = []
-            if len(file_rows) >= RENDER_CHUNK:
+            if len(file_rows) >= FILE_ROWS_CHUNK:
                 packer.record_files(file_rows)
                 file_rows = []
     packer.add_chunk(chunk, file_rows)
@@ -187,8 +200,11 @@ class _Packer:
         params: dict[str, Any],
         max_requests_per_batch: int | None,
         report: PrepareReport,
+        on_shard: Callable[[int], object] | None = None,
+        est_cost: Callable[[int, int], float] | None = None,
     ) -> None:
         self.store, self.provider, self.model, self.job, self.report = store, provider, model, job, report
+        self.on_shard, self.est_cost = on_shard, est_cost
         self.stamp = time.time()
         dry = report.dry_run
         shard_dir = store.state_dir / ("dry-run" if dry else "shards") / safe_name(job)
@@ -203,6 +219,7 @@ class _Packer:
             provider.max_bytes,
             durable=not dry,
             on_close=self._record,
+            ramp_from=RAMP_FROM,
         )
 
     def record_files(self, rows: list[dict[str, Any]]) -> None:
@@ -240,7 +257,7 @@ class _Packer:
             return
         p = self.provider
         fixed = {"job": self.job, "provider": p.name, "model": self.model, "endpoint": p.endpoint}
-        self.store.add_shard(
+        shard_id = self.store.add_shard(
             {
                 **fixed,
                 "key": shard.key,
@@ -249,10 +266,16 @@ class _Packer:
                 "n_bytes": shard.n_bytes,
                 "est_tokens": shard.est_tokens,
             },
-            (
-                {"custom_id": cid, "file_name": name, "est_input_tokens": tokens, "max_tokens": self.report.max_tokens}
-                | fixed
-                for cid, name, tokens in shard.requests
-            ),
+            self._request_rows(shard, fixed),
         )
         shard.requests.clear()
+        if self.on_shard is not None:
+            self.on_shard(shard_id)
+
+    def _request_rows(self, shard: Shard, fixed: dict[str, str]) -> Iterator[dict[str, Any]]:
+        max_tokens, est_cost = self.report.max_tokens, self.est_cost
+        for cid, name, tokens in shard.requests:
+            row = {"custom_id": cid, "file_name": name, "est_input_tokens": tokens, "max_tokens": max_tokens} | fixed
+            if est_cost is not None:
+                row["est_cost_usd"] = est_cost(tokens, max_tokens)
+            yield row

@@ -64,7 +64,7 @@ class RichProgress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
         ]
-        from hipbatch.views import plain  # here: views imports this module
+        from hipbatch.text import plain
 
         with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
             task_id = bar.add_task(plain(description), total=total)

@@ -30,7 +30,8 @@ from jinja2.utils import Cycler, Namespace
 from jinja2.visitor import NodeTransformer
 from markupsafe import Markup
 
-from hipbatch.files import SkipFile, read_regular, shown
+from hipbatch.files import SkipFile, read_regular
+from hipbatch.text import shown
 
 MAX_STEPS = 1_000_000  # well under a second of template work
 MACRO_STEPS = 20  # what one macro call costs, in loop iterations

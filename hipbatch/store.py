@@ -355,6 +355,10 @@ class Store:
                 db.close()
             os.replace(tmp, self.path)
 
+    def limit_cache(self, mb: int) -> None:
+        """Bound SQLite's page cache for this connection (submit: its peak RSS then stays flat as stores grow)."""
+        self._db.execute(f"PRAGMA cache_size=-{int(mb) * 1024}")
+
     def read_mapped(self) -> None:
         """Read pages straight from the OS cache, for commands that aggregate the whole ledger (status):
         ~1.5x faster on 10^6 requests. Not for writers: mapped pages would count in their peak RSS."""
@@ -443,16 +447,22 @@ class Store:
         return found
 
     def add_shard(self, shard: dict[str, Any], requests: Iterable[dict[str, Any]]) -> int:
-        """Record a written shard and its requests in one transaction; returns the shard id."""
+        """Record a written shard and its requests (rows of plain values) in one transaction; returns the shard
+        id. A custom_id already in the store is left as it is."""
         now = time.time()
         with self._db.atomic():
             table = self._table("shards")
             table.insert({**shard, "state": ShardState.QUEUED, "created_at": now, "updated_at": now})
             shard_id = int(table.last_pk)  # type: ignore[arg-type]
+            fixed = (shard_id, RequestState.PENDING.value, now, now)
             for chunk in _chunks(requests):
-                for row in chunk:
-                    row.update(shard_id=shard_id, state=RequestState.PENDING, created_at=now, updated_at=now)
-                self._table("requests").insert_all(chunk, pk="custom_id", batch_size=CHUNK, ignore=True)
+                # executemany over tuples: a third of what insert_all costs per row (submit's critical path)
+                cols = list(dict.fromkeys(k for row in chunk for k in row))
+                names = ", ".join([*cols, "shard_id", "state", "created_at", "updated_at"])
+                self._db.conn.executemany(
+                    f"INSERT OR IGNORE INTO requests ({names}) VALUES ({', '.join('?' * (len(cols) + 4))})",
+                    (tuple(row.get(c) for c in cols) + fixed for row in chunk),
+                )
             self._stats_add(1, "shard_id = ?", [shard_id])  # a new shard: its rows are the ones just added
         return shard_id
 

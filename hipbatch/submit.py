@@ -4,14 +4,27 @@ that was interrupted instead of creating it again.
 Every provider call that creates something is preceded by a committed intent (shard state uploading /
 creating), and every result is committed as soon as it is known, so a killed submit is finished, not
 redone, by the next submit, status or collect.
+
+`Feeder` runs the same sending on a worker thread, so `submit` uploads and creates shard n while it renders and
+records shard n+1 (the network waits release the GIL). The store has one SQLite connection: while a Feeder runs,
+both threads reach it through `Feeder.store`, which holds one lock for each Store call (one transaction each),
+so the order of every shard's intents and calls is the one `feed` keeps.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import itertools
+import queue
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
 
 from hipbatch import poll
 from hipbatch.errors import AmbiguousSubmit, AuthFailed, HipbatchError, ProviderError, TransientError
@@ -61,18 +74,133 @@ def feed(
     down: set[str] = set()  # providers that failed transiently after retries: stop calling them now
     for shard in store.shards_in_states(RESUMABLE):
         _send_reported(store, adapters, shard, report, force, sleep, down)
-    queue = [] if resume_only else store.shards_in_states([ShardState.QUEUED])
-    with (progress or NullProgress()).task("send shards", len(queue) or None) as bar:
-        for queued in queue:
+    waiting = [] if resume_only else store.shards_in_states([ShardState.QUEUED])
+    with (progress or NullProgress()).task("send shards", len(waiting) or None) as bar:
+        for queued in waiting:
             bar.advance()
-            sendable = without_answered(store, queued)  # requests answered live since packing are never sent
-            if sendable is None or sendable.provider in down:
-                continue
-            if not pick_window(window, sendable.provider).allows(store, sendable):
-                report.queued += 1
-                continue
-            _send_reported(store, adapters, sendable, report, force, sleep, down)
+            _send_queued(store, adapters, queued, window, report, force, sleep, down)
     return report
+
+
+def _send_queued(
+    store: Store,
+    adapters: Adapters,
+    queued: ShardRow,
+    window: Window | Mapping[str, Window] | None,
+    report: FeedReport,
+    force: bool,
+    sleep: Sleep,
+    down: set[str],
+) -> None:
+    """Send one queued shard if its window allows (else count it as left in the queue)."""
+    sendable = without_answered(store, queued)  # requests answered live since packing are never sent
+    if sendable is None or sendable.provider in down:
+        return
+    if not pick_window(window, sendable.provider).allows(store, sendable):
+        report.queued += 1
+        return
+    _send_reported(store, adapters, sendable, report, force, sleep, down)
+
+
+class Feeder:
+    """Sends shards on a worker thread while the caller packs the next ones: `with Feeder(...) as f:`, then
+    `f.put(shard_id)` for each shard as soon as it is recorded; leaving the block waits for the last send.
+
+    What `feed` would send comes first (interrupted submits, then the shards already queued, as found when the
+    Feeder is made), then each shard put, in order; a shard no longer queued when its turn comes is skipped.
+    `before_send(store)` runs once, before anything is sent (submit settles there the worst-case cost of
+    requests recorded earlier without one; the new ones are recorded with theirs). An error in the block stops
+    the worker after its current call; an unexpected error in the worker is raised again when the block ends.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        adapters: Adapters,
+        window: Window | Mapping[str, Window] | None = None,
+        force: bool = False,
+        sleep: Sleep = time.sleep,
+        before_send: Callable[[Store], object] | None = None,
+    ) -> None:
+        self.store = serialized(store, threading.RLock())
+        self.report = FeedReport()
+        self._args = (adapters, window, force, sleep)
+        self._before_send = before_send
+        self._resume = self.store.shards_in_states(RESUMABLE)
+        self._waiting = [s.id for s in self.store.shards_in_states([ShardState.QUEUED])]
+        self._todo: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._failure: BaseException | None = None
+        # The worker runs in a copy of this context: what the command set up (poll.notifying's retry notices)
+        # reaches the calls it makes.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name="hipbatch-feed", daemon=True)
+
+    def __enter__(self) -> Feeder:
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        if kind is not None:
+            self._stop.set()
+        self._todo.put(None)
+        self._thread.join()
+        if self._failure is not None and kind is None:
+            raise self._failure
+
+    def put(self, shard_id: int) -> None:
+        """Send this (recorded, queued) shard after the ones before it."""
+        self._todo.put(shard_id)
+
+    def _run(self) -> None:
+        adapters, window, force, sleep = self._args
+        store, report, down = self.store, self.report, set[str]()
+        try:
+            if self._before_send is not None:
+                self._before_send(store)
+            for shard in self._resume:
+                if not self._stop.is_set():
+                    _send_reported(store, adapters, shard, report, force, sleep, down)
+            seen: set[int] = set()
+            for shard_id in itertools.chain(self._waiting, iter(self._todo.get, None)):
+                if self._stop.is_set():
+                    break
+                queued = store.shard(shard_id)  # as it is now: a shard is never sent twice
+                if shard_id in seen or queued.state != ShardState.QUEUED:
+                    continue
+                seen.add(shard_id)
+                _send_queued(store, adapters, queued, window, report, force, sleep, down)
+        except BaseException as e:  # handed to the caller's thread when the block ends
+            self._failure = e
+
+
+class _Locked:
+    """A Store whose every call holds one lock (a call is one transaction); `atomic()` holds it throughout."""
+
+    def __init__(self, store: Store, lock: threading.RLock) -> None:
+        self._store, self._lock = store, lock
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._store, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with self._lock:
+                return attr(*args, **kwargs)
+
+        return call
+
+    @contextmanager
+    def atomic(self) -> Iterator[None]:
+        with self._lock, self._store.atomic():
+            yield
+
+
+def serialized(store: Store, lock: threading.RLock) -> Store:
+    """The store shared by two threads: each call through it holds `lock`."""
+    return cast(Store, _Locked(store, lock))
 
 
 def _send_reported(

@@ -7,7 +7,6 @@ are stripped and nothing is read as rich markup.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from hipbatch.progress import Progress, default_progress
+from hipbatch.text import one_line, plain
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -33,19 +33,7 @@ if TYPE_CHECKING:
     from hipbatch.retry import RetryReport
     from hipbatch.submit import FeedReport
 
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 TABLE_ROWS = 20  # batches listed by default; running and uncollected ones are always listed
-
-
-def plain(text: object) -> str:
-    """Text safe for a terminal: no control characters (escape sequences, bidi overrides); newlines kept."""
-    return _CONTROL.sub("?", str(text))
-
-
-def one_line(text: object, limit: int | None = None) -> str:
-    """Text as one line (runs of whitespace, newlines included, become one space), cut to `limit` with an ellipsis."""
-    line = " ".join(plain(text).split())
-    return line if limit is None or len(line) <= limit else line[: max(limit - 1, 0)] + "…"
 
 
 def err(message: str) -> None:
@@ -639,7 +627,7 @@ def demo_end(done: DemoResult) -> None:
         sample = {"file_name": record["file_name"], "english_prompt": record["english_prompt"]}
         typer.echo(plain(json.dumps(sample, ensure_ascii=False)))
     err(
-        "\nNext: point OPENAI_API_KEY (or ANTHROPIC_API_KEY) at a real account and run "
+        "\nNext: point OPENAI_API_KEY (or ANTHROPIC_API_KEY, GEMINI_API_KEY) at a real account and run "
         "`hipbatch submit DIR` then `hipbatch collect --wait`."
     )
 

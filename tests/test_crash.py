@@ -334,10 +334,14 @@ class Trials:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name",
-    ["openai", pytest.param("gemini", marks=pytest.mark.skipif(not GEMINI_PORTED, reason="collect/retry edits"))],
+    ("name", "target"),
+    [
+        ("openai", 25),
+        # fewer for the newer provider: the same code paths, and each killed process pays the SDK import again
+        pytest.param("gemini", 15, marks=pytest.mark.skipif(not GEMINI_PORTED, reason="collect/retry edits")),
+    ],
 )
-def test_sigkill_at_random_moments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+def test_sigkill_at_random_moments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, target: int) -> None:
     config = EmulatorConfig(seed=3, polls_to_complete=3, forms="tag", request_error_rate=0.2)
     with TrapServer(port=0, config=config) as server:
         point_at(server, name, monkeypatch)
@@ -352,7 +356,7 @@ def test_sigkill_at_random_moments(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             (collect, 0, 0),
         ]
         files, started = 0, time.monotonic()
-        while trials.kills < 25:
+        while trials.kills < target:
             assert time.monotonic() - started < 150, f"only {trials.kills} kills so far"
             make_hip_dir(root, 12, start=files)
             files += 12
@@ -368,7 +372,7 @@ def test_sigkill_at_random_moments(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                 break
             cli(*WAIT)
         summary = json.loads(cli(*WAIT).stdout)
-    assert trials.kills >= 25 and set(trials.by_command) == {"submit", "collect", "retry"}
+    assert trials.kills >= target and set(trials.by_command) == {"submit", "collect", "retry"}
     assert summary["succeeded"] == files and summary["pending"] == 0
     assert_nothing_lost_nothing_twice(server, files)
     assert sum(server.stats.answered.values()) == files  # every request answered (billed) exactly once

@@ -10,7 +10,7 @@ import pytest
 
 from hipbatch.emulator import LocalBatchServer
 from hipbatch.progress import RichProgress
-from hipbatch.views import plain
+from hipbatch.text import plain
 from tests.conftest import cli, make_hip_dir, read_dataset
 
 CLEAR = "\x1b[2J"  # clears the screen if it reached a terminal

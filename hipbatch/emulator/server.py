@@ -456,6 +456,7 @@ class LocalBatchServer:
             f"hipbatch emulator on {self.url}",
             f"  OPENAI_BASE_URL={self.openai_base_url} OPENAI_API_KEY=test",
             f"  ANTHROPIC_BASE_URL={self.anthropic_base_url} ANTHROPIC_API_KEY=test",
+            f"  GOOGLE_GEMINI_BASE_URL={self.gemini_base_url} GEMINI_API_KEY=test",
         ]
         if self.control_enabled:
             token = self.control_token if show_token else "<the token you gave>"

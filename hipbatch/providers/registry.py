@@ -3,7 +3,7 @@ request parameters of a submit after the precedence rules."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from hipbatch.config import Config, resolve
@@ -19,10 +19,11 @@ Factory = Callable[[ProviderSettings], Provider]
 class Adapters:
     """One adapter per provider, built on first use from the config (keys from the environment)."""
 
-    def __init__(self, config: Config, factory: Factory = get_provider) -> None:
+    def __init__(self, config: Config, factory: Factory = get_provider, ready: Iterable[Provider] = ()) -> None:
         self.config = config
         self.factory = factory
-        self._cache: dict[str, Provider] = {}
+        # Adapters already built for this run (submit's, which checked the model): one SDK client, not two.
+        self._cache: dict[str, Provider] = {adapter.name: adapter for adapter in ready}
 
     def get(self, name: str) -> Provider:
         """The adapter of provider `name` (the same object for the whole run)."""
