@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hipbatch import poll
+from hipbatch import poll, worker
 from hipbatch.errors import AuthFailed, HipbatchError, ResultsGone, TransientError, UnreadableResults
 from hipbatch.extract import ExtractSettings, extract
 from hipbatch.progress import NullProgress, Progress
@@ -61,6 +61,8 @@ class _Extractors:
 
 
 CHUNK_ROWS = 2000  # rows staged at once
+APPLY_ROWS = 8000  # staged rows applied to the ledger at once while a proven batch is read (sorted by rowid)
+WORKER_MIN_BYTES = 4 << 20  # a results file this large is read in a second process (worker.py), when there is one
 _MASK = (1 << 64) - 1
 _LOST = {
     Outcome.ERRORED: RequestState.FAILED,
@@ -184,11 +186,30 @@ class _Reader:
         """The custom_ids of the file when the batch is not proven ours yet (None otherwise); or UnreadableResults
         naming the batch and the line, with nothing staged."""
         summary = self.summary = Summary()
-        chunks = read_chunks(path, info, self.provider.parse, self.settings, self.price, summary, not self.batch.proven)
+        parse, settings, price, want_ids = self.provider.parse, self.settings, self.price, not self.batch.proven
+
+        def produce() -> Iterator[list[tuple[Any, ...]] | Summary]:
+            found = Summary()
+            yield from read_chunks(path, info, parse, settings, price, found, want_ids)
+            yield found  # last: what the whole read found
+
+        # A large file is read in a second process (JSON, parse, extractor) while this one writes the ledger.
+        parts = worker.items(produce, child=path.stat().st_size >= WORKER_MIN_BYTES)
+        staged = 0
         with self.store.staging(), self.progress.task(f"collect {self.batch.id}", info.total) as bar:
-            for chunk in chunks:
-                self.store.stage_results(chunk)
-                bar.advance(len(chunk))
+            for part in parts:
+                if isinstance(part, Summary):
+                    summary.lines, summary.twice, summary.ids = part.lines, part.twice, part.ids
+                    continue
+                self.store.stage_results(part)
+                bar.advance(len(part))
+                staged += len(part)
+                if staged >= APPLY_ROWS and self.batch.proven:
+                    # Applied as the reading goes (the reader's process keeps reading): in the same transaction,
+                    # so a file found broken at its end leaves nothing applied. Lines of one custom_id stay in
+                    # file order (twice=True: checked in each part).
+                    self.store.apply_staged(from_batch=self.batch.id, twice=True)
+                    staged = 0
         return summary.ids
 
 
