@@ -678,20 +678,23 @@ def notes(rows: list[Row]) -> str:
         "- re-submit: the request ids are recomputed from the rendered text, so a re-submit renders and "
         "escapes every file like a dry run, skips writing the JSONL, looks the ids up 500 at a time, "
         f"and also imports the SDK and checks the model with the provider{extra}.",
-        "- collect: the floor keeps nothing. hipbatch also records every reply, its extracted prompt, "
-        "usage, cost and state in the SQLite ledger, one transaction per batch (lines arrive in any order, "
-        "so they are staged and applied in rowid order), then writes the dataset from the ledger sorted by "
-        "file name. Measured split of the ~9 s: start-up 0.7 s, JSON decode 1.0-1.5 s, provider parse, "
-        "extraction and row building 1.4 s, ledger writes 4.2 s (of which 1-1.5 s keep the two covering "
-        "indexes that make `status` fast at 10^6 requests), dataset 1.0 s. An append-only replies table was "
-        "tried and was slower (4.6-4.9 s for the writes). Reaching 2x would mean keeping the requests table "
-        "out of the per-result path (state derived from an append-only table) or parsing in a second "
-        "process: the price today of never losing a paid answer and of `--reextract`, `retry` and `cost` "
-        "working offline.",
-        "- status: one GROUP BY over a covering index (job, state, cost) for the per-job summary, one "
-        "over (state, batch_id, error_code) for each batch's top error, pages read through mmap; the "
-        "rest is start-up. The table lists running batches and the latest collected ones (`--all` for "
-        "every one).",
+        "- collect: the floor keeps nothing. hipbatch also checks every download whole before using it "
+        "(every line parses and names a custom_id, duplicates agree, the count matches the provider's), "
+        "records every reply, its extracted prompt, usage, cost and state in the SQLite ledger and the "
+        "request_stats counters, one transaction per batch, then writes the dataset from the ledger. A results "
+        "file of 4 MB or more is read in a second process (JSON decode, provider parse, extractor: about 30 us "
+        "a line there) while this one stages the rows and applies them 8,000 at a time (one UPDATE ... FROM in "
+        "rowid order, about 15 us a line): on 2 cores the reading process is the bottleneck, and each batch "
+        "then pays its commit (fsync), its counters and, once, the dataset (about 8 us a record) and the "
+        "start-up (about 0.45 s, no SDK imported when nothing is to download). The per-line ceiling is "
+        "therefore about 2.5-3x the floor, which does one JSON decode and one regex a line and keeps nothing; "
+        "2x would need the extractor and the provider parse in C, or the ledger kept out of the per-result "
+        "path (replies appended, state derived), which would cost `--reextract`, `retry` and `cost` working "
+        "offline from one table.",
+        "- status: the per-job and per-batch figures come from request_stats (counts and sums per job, "
+        "model, batch, state, error and method, kept by every writer of the ledger in its own transaction), "
+        "so its cost does not grow with the number of requests; the rest is start-up. The table lists "
+        "running batches and the latest collected ones (`--all` for every one).",
         "- drain: the quota run starts with no window, so the first submit sends every shard and the "
         "server refuses most; they go back to the queue (attempts stay at 1) and the window then follows "
         "what the server accepted. With `--max-enqueued-tokens` at or under the quota nothing is refused.",
