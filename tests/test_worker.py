@@ -6,7 +6,11 @@ download found broken at its end leaves nothing applied, a whole one gives the s
 from __future__ import annotations
 
 import os
+import random
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,3 +155,67 @@ def test_the_ledger_and_dataset_are_those_of_reading_here(
     assert read_dataset(tmp_path / "here.json") == read_dataset(tmp_path / "there.json")
     assert stats(snapshot) == ledger_here
     assert_counts_agree(snapshot)
+
+
+def alive_with(marker: str) -> list[int]:
+    """Processes (not zombies) whose command line holds `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if marker.encode() in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_sigkill_while_the_child_reads_loses_nothing_and_leaves_no_process(
+    openai_env: LocalBatchServer, tmp_path: Path
+) -> None:
+    cli("submit", make_hip_dir(tmp_path / "kernels", 150), "--max-requests-per-batch", 150)
+    marker = f"hipbatch-kill-trial-{os.getpid()}"
+    flag = tmp_path / "reading"
+    code = (  # the reading made slow (10 ms a chunk of two lines), and said when it starts, in the child
+        f"# {marker}\n"
+        "import time, pathlib\n"
+        "import hipbatch.collect as c\n"
+        "c.WORKER_MIN_BYTES, c.CHUNK_ROWS, c.APPLY_ROWS = 0, 2, 4\n"
+        "read = c.read_chunks\n"
+        "def slow(*args):\n"
+        f"    pathlib.Path({str(flag)!r}).touch()\n"
+        "    for chunk in read(*args):\n"
+        "        time.sleep(0.01)\n"
+        "        yield chunk\n"
+        "c.read_chunks = slow\n"
+        "from hipbatch.cli import main\n"
+        "main()\n"
+    )
+    rng = random.Random(20261202)
+    in_child = 0
+    for _ in range(6):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, "collect"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        flag.unlink(missing_ok=True)
+        deadline = time.monotonic() + 30
+        while not flag.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)  # until the child reads
+        time.sleep(rng.uniform(0.0, 0.5))  # then a while into its reading (75 chunks, 0.75 s)
+        in_child += len(alive_with(marker)) >= 2
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        deadline = time.monotonic() + 10
+        while alive_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert alive_with(marker) == []  # the child ends with its parent
+    assert in_child >= 4  # most kills landed while the child was reading
+    summary = collect(FakeClock())
+    assert summary["succeeded"] == 150 and summary["records"] == 150 and summary["pending"] == 0
+    assert all(n == 1 for n in openai_env.stats.sent.values()) and len(openai_env.stats.sent) == 150
+    assert ledger_tokens(FakeClock()) == billed(openai_env)
+    assert_counts_agree()
