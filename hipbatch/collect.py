@@ -9,7 +9,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -196,7 +196,7 @@ class _Reader:
         # A large file is read in a second process (JSON, parse, extractor) while this one writes the ledger.
         parts = worker.items(produce, child=path.stat().st_size >= WORKER_MIN_BYTES)
         staged = 0
-        with self.store.staging(), self.progress.task(f"collect {self.batch.id}", info.total) as bar:
+        with closing(parts), self.store.staging(), self.progress.task(f"collect {self.batch.id}", info.total) as bar:
             for part in parts:
                 if isinstance(part, Summary):
                     summary.lines, summary.twice, summary.ids = part.lines, part.twice, part.ids

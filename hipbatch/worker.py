@@ -15,7 +15,7 @@ import pickle
 import signal
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
@@ -37,7 +37,7 @@ def usable() -> bool:
 AHEAD = 8  # items the child may run ahead of the caller (received by a thread here, so the pipe never stalls it)
 
 
-def items(produce: Callable[[], Iterable[T]], child: bool = True) -> Iterator[T]:
+def items(produce: Callable[[], Iterable[T]], child: bool = True) -> Generator[T, None, None]:
     """produce()'s items, in order; produced in a forked child process when `child` and usable(), else here.
     An exception produce() raises is raised here (a HipbatchError as itself)."""
     if not (child and usable()):
