@@ -199,13 +199,18 @@ def _same_lines(shards: list[Path], floor: Path) -> bool:
     return ours == theirs
 
 
+def collect_dir(work: Path, n: int) -> Path:
+    """The state dir bench_collect collects n results in (left collected after its last run)."""
+    return work / f"collect-{n}"
+
+
 def bench_collect(n: int, work: Path, repeat: int) -> Row:
     from fixtures import collect_state
 
     log(f"collect {n}: building the state (cached)")
     pristine = collect_state(n)
     results = sorted((pristine / "results").glob("*.jsonl"))
-    state = work / f"collect-{n}"
+    state = collect_dir(work, n)
 
     def once() -> Measure:
         shutil.rmtree(state, ignore_errors=True)
@@ -259,7 +264,7 @@ def collect_rows(sizes: list[int], work: Path, repeat: int) -> list[Row]:
         ),
     )
     intercept = small.seconds - slope * sizes[0]
-    state = work / f"collect-{sizes[-1]}"  # collected by the last run: nothing left to download
+    state = collect_dir(work, sizes[-1])  # collected by the last run: nothing left to download
     again = best(
         max(repeat, 5),
         lambda: run(hipbatch(state, "collect", "--json", "--output-file", str(work / "again.json")), work),
