@@ -28,7 +28,7 @@ from hipbatch.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "gpt-4o-mini"
-FIXTURE_VERSION = 4  # 4: stores with m007 (request_stats)
+FIXTURE_VERSION = 5  # 4: stores with m007 (request_stats); 5: 16 KB pages
 
 SMALL_KERNEL = """#include <hip/hip_runtime.h>
 // benchmark kernel {i}

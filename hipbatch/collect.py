@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from hipbatch import poll, worker
 from hipbatch.errors import AuthFailed, HipbatchError, ResultsGone, TransientError, UnreadableResults
 from hipbatch.extract import ExtractSettings, extract
@@ -242,10 +244,13 @@ class Check:
         if not line:
             return None
         try:
-            text = line.decode()  # UTF-8 (the C codec: utf-8-sig is Python code), a leading BOM dropped
-            item = self.decode(text[1:] if text[:1] == "\ufeff" else text)
+            item = orjson.loads(line)  # ~2.5x faster than json; what it refuses (a BOM, a lone surrogate) goes on
         except ValueError:
-            raise UnreadableResults(f"batch {self.info.id}: results line {n} is not valid JSON") from None
+            try:
+                text = line.decode()  # UTF-8 (the C codec: utf-8-sig is Python code), a leading BOM dropped
+                item = self.decode(text[1:] if text[:1] == "\ufeff" else text)
+            except ValueError:
+                raise UnreadableResults(f"batch {self.info.id}: results line {n} is not valid JSON") from None
         custom_id = line_id(item)  # custom_id (OpenAI, Anthropic) or key (Gemini)
         if custom_id is None:
             raise UnreadableResults(f"batch {self.info.id}: results line {n} names no custom_id")

@@ -247,15 +247,16 @@ def test_full_disk_then_the_same_command_again(openai_env: LocalBatchServer, tmp
 
 @dataclass(frozen=True)
 class CappedContext(ops.Context):
-    """A context whose store may grow only `pages` more pages: SQLite itself then says "database or disk is
-    full", the same error a full disk gives."""
+    """A context whose store may grow only about `kb` more kilobytes (at least one page): SQLite itself then says
+    "database or disk is full", the same error a full disk gives."""
 
-    pages: int = 2
+    kb: int = 8
 
     def store(self) -> Store:
         store = super().store()
         db = store._db
-        db.execute(f"PRAGMA max_page_count = {int(db.execute('PRAGMA page_count').fetchone()[0]) + self.pages}")
+        count, size = (int(db.execute(f"PRAGMA {p}").fetchone()[0]) for p in ("page_count", "page_size"))
+        db.execute(f"PRAGMA max_page_count = {count + max(1, self.kb * 1024 // size)}")
         return store
 
 
@@ -264,7 +265,7 @@ def test_database_full_is_one_error_and_the_rerun_completes(openai_env: LocalBat
     Store(Path("state")).close()
     opts = ops.SubmitOptions(ops.Files(root), max_requests_per_batch=40)
     with pytest.raises(StoreError, match="the disk is full") as failed:
-        ops.submit(CappedContext(state_dir=Path("state"), pages=3), opts, Out(quiet=True))
+        ops.submit(CappedContext(state_dir=Path("state"), kb=12), opts, Out(quiet=True))
     assert "state/hipbatch.db" in str(failed.value) and "run the same command again" in str(failed.value)
     # Shards are sent while the next ones render: what was recorded before the disk filled may have gone out.
     cli("submit", root, "--max-requests-per-batch", "40")  # the last committed state was intact: it goes on
